@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Seal's one entry point.
+#   ./build.sh serve   build the page and serve it on http://127.0.0.1:${PORT:-8080}/
+#   ./build.sh wasm    build the page's wasm module into dist/
+#   ./build.sh test    install what is missing, then run every test (native and in headless Chromium)
+# Builds and tools are cached outside the clone, in ${SEAL_CACHE:-~/.cache/seal}.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+CACHE="${SEAL_CACHE:-$HOME/.cache/seal}"
+TOOLS="$CACHE/tools"
+export CARGO_TARGET_DIR="$CACHE/target"
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
+WASM_TARGET=wasm32-unknown-unknown
+
+log() { echo "build.sh: $*" >&2; }
+
+# phase NAME COMMAND...: runs COMMAND and reports how long it took.
+phase() {
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  log "$name: $((SECONDS - start)) s"
+}
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+install_chromium() {
+  [ -x /usr/bin/chromium ] && return
+  log "installing Debian's chromium and chromium-driver"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+}
+
+install_wasm_target() {
+  rustup target list --installed | grep -qx "$WASM_TARGET" || rustup target add "$WASM_TARGET"
+}
+
+# wasm-bindgen-cli must be exactly the wasm-bindgen version in Cargo.lock.
+# No --locked: the registry mirror lacks some of its locked dependencies (see TOOLCHAIN.md).
+install_wasm_bindgen() {
+  local version
+  version=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"$/\1/p')
+  if [ "$("$TOOLS/bin/wasm-bindgen" --version 2>/dev/null)" != "wasm-bindgen $version" ]; then
+    log "installing wasm-bindgen-cli $version into $TOOLS (a few minutes, once)"
+    cargo install --quiet wasm-bindgen-cli --version "$version" --root "$TOOLS"
+  fi
+}
+
+install_playwright() {
+  # Only playwright-core (no browser download); reinstall when the lock file changes.
+  if ! cmp -s package-lock.json node_modules/.seal-installed-lock; then
+    npm ci --no-audit --no-fund --loglevel=error
+    cp package-lock.json node_modules/.seal-installed-lock
+  fi
+}
+
+# The page's module: seal-web for wasm32 in the size profile, then the JS glue into dist/.
+build_wasm() {
+  cargo build --quiet -p seal-web --target "$WASM_TARGET" --profile wasm
+  "$TOOLS/bin/wasm-bindgen" --target web --no-typescript --remove-name-section \
+    --remove-producers-section --out-dir dist "$CARGO_TARGET_DIR/$WASM_TARGET/wasm/seal_web.wasm"
+  log "dist/seal_web_bg.wasm: $(stat -c %s dist/seal_web_bg.wasm) bytes," \
+    "$(gzip -9 -c dist/seal_web_bg.wasm | wc -c) gzipped"
+}
+
+cmd_wasm() {
+  phase "rust wasm target" install_wasm_target
+  phase "wasm-bindgen-cli" install_wasm_bindgen
+  phase "wasm build" build_wasm
+}
+
+cmd_serve() {
+  cmd_wasm
+  exec python3 web/serve.py --port "${PORT:-8080}"
+}
+
+cmd_test() {
+  local start=$SECONDS
+  phase "chromium" install_chromium
+  phase "playwright-core" install_playwright
+  cmd_wasm
+  phase "native tests" cargo test --quiet --workspace
+  phase "native cli" cargo build --quiet -p seal-cli
+  export SEAL_BIN="$CARGO_TARGET_DIR/debug/seal"
+  phase "browser tests" node --test tests/
+  log "all tests passed in $((SECONDS - start)) s"
+}
+
+case "${1:-}" in
+  serve) cmd_serve ;;
+  wasm) cmd_wasm ;;
+  test) cmd_test ;;
+  *)
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+    ;;
+esac

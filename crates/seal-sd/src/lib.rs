@@ -1,0 +1,57 @@
+//! The Stable Diffusion 1.x family in Burn: tokenizer, CLIP text encoder, UNet, VAE and
+//! schedulers, built from diffusers configs and loaded from diffusers or original-layout files.
+//! Module field paths equal the diffusers weight names (see `load`).
+
+pub mod attention;
+pub mod clip;
+pub mod layers;
+pub mod load;
+pub mod pipeline;
+pub mod resnet;
+pub mod rng;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+
+pub use seal_weights;
+
+/// Everything that can go wrong building or loading a model; each names the file and tensor.
+#[derive(thiserror::Error, Debug)]
+pub enum ModelError {
+    #[error(transparent)]
+    Weights(#[from] seal_weights::WeightError),
+    #[error("{file}: {message}")]
+    Config { file: String, message: String },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("{file}: missing tensors: {}", summarize(names))]
+    MissingTensors { file: String, names: Vec<String> },
+    #[error("{file}: tensor {tensor} has shape {found:?}, the model expects {expected:?}")]
+    Shape { file: String, tensor: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("{file}: tensor {tensor} holds a NaN or infinite value (element {index})")]
+    NonFinite { file: String, tensor: String, index: usize },
+    #[error("{0}")]
+    Missing(String),
+    #[error("{file}: {message}")]
+    Io { file: String, message: String },
+}
+
+impl ModelError {
+    pub(crate) fn config(file: &str, e: impl std::fmt::Display) -> Self {
+        Self::Config { file: file.into(), message: e.to_string() }
+    }
+}
+
+/// The first few names of a long list, and how many more.
+fn summarize(names: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+#[cfg(test)]
+mod testutil;

@@ -1,0 +1,173 @@
+//! Filling a module's parameters from diffusers-named tensors: a pure name map.
+//!
+//! A module's parameter path (its field names joined by `.`, Vec indices included) is the
+//! diffusers weight name. Two exceptions are spelled out here: enum variants (which pick a
+//! layer kind, e.g. conv vs linear projection) add no path segment, and `net_0`/`net_2` stand
+//! for diffusers' `net.0`/`net.2`, which are not Rust identifiers.
+
+use std::collections::BTreeSet;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Tensor, TensorData};
+use seal_weights::Component;
+
+use crate::ModelError;
+
+/// Loads every parameter of `module` from `weights`. Returns the module and the keys of
+/// `weights` that no parameter asked for (shown to the user; not an error).
+pub fn load_module<M: Module>(module: M, weights: &Component) -> Result<(M, Vec<String>), ModelError> {
+    let mut loader = Loader { weights, path: Vec::new(), used: BTreeSet::new(), missing: Vec::new(), errors: Vec::new() };
+    let module = module.map(&mut loader);
+    if let Some(first) = loader.errors.into_iter().next() {
+        return Err(first);
+    }
+    if !loader.missing.is_empty() {
+        return Err(ModelError::MissingTensors { file: weights.file_name().to_string(), names: loader.missing });
+    }
+    let unused = weights.keys().filter(|k| !loader.used.contains(*k)).map(str::to_string).collect();
+    Ok((module, unused))
+}
+
+/// Every parameter's diffusers name and shape, without allocating the parameters.
+pub fn parameter_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
+    let mut v = ShapeLister { path: Vec::new(), out: Vec::new() };
+    module.visit(&mut v);
+    v.out
+}
+
+/// The total number of scalar parameters (from lazy shapes; nothing is allocated).
+pub fn parameter_count<M: Module>(module: &M) -> usize {
+    parameter_shapes(module).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+}
+
+/// A path segment of the parameter name; `None` for segments that are not part of it.
+fn segment(name: &str, container_type: &str) -> Option<String> {
+    if container_type.starts_with("Enum:") {
+        return None;
+    }
+    Some(match name {
+        "net_0" => "net.0".into(),
+        "net_2" => "net.2".into(),
+        other => other.into(),
+    })
+}
+
+fn join(path: &[Option<String>]) -> String {
+    path.iter().flatten().cloned().collect::<Vec<_>>().join(".")
+}
+
+struct Loader<'a> {
+    weights: &'a Component,
+    path: Vec<Option<String>>,
+    used: BTreeSet<String>,
+    missing: Vec<String>,
+    errors: Vec<ModelError>,
+}
+
+impl ModuleMapper for Loader<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(segment(name, container_type));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let key = join(&self.path);
+        let expected = param.lazy_shape().to_vec();
+        let Some(found) = self.weights.shape(&key) else {
+            self.missing.push(key);
+            return param;
+        };
+        if found != expected {
+            self.errors.push(ModelError::Shape { file: self.weights.file_name().to_string(), tensor: key, expected, found });
+            return param;
+        }
+        match self.weights.load_f32(&key) {
+            Ok(t) => {
+                self.used.insert(key);
+                if let Some(bad) = t.data.iter().position(|x| !x.is_finite()) {
+                    self.errors.push(ModelError::NonFinite { file: self.weights.file_name().to_string(), tensor: join(&self.path), index: bad });
+                    return param;
+                }
+                let tensor = Tensor::from_data(TensorData::new(t.data, t.shape), &param.lazy_device());
+                let id = param.id;
+                param.transform_for_load(tensor, id)
+            }
+            Err(e) => {
+                self.errors.push(e.into());
+                param
+            }
+        }
+    }
+}
+
+struct ShapeLister {
+    path: Vec<Option<String>>,
+    out: Vec<(String, Vec<usize>)>,
+}
+
+impl ModuleVisitor for ShapeLister {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(segment(name, container_type));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.push((join(&self.path), param.lazy_shape().to_vec()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::clip::{ClipTextConfig, ClipTextModel};
+    use crate::testutil::{device, fixtures};
+    use crate::unet::{UNet2DConditionModel, UNetConfig};
+    use crate::vae::{AutoencoderKL, VaeConfig};
+
+    /// (config, name -> shape, parameter count) of a layout file made by diffusers/transformers.
+    fn layout(name: &str) -> (serde_json::Value, BTreeMap<String, Vec<usize>>, usize) {
+        let text = std::fs::read_to_string(fixtures().join("layouts").join(name)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let tensors = serde_json::from_value(v["tensors"].clone()).unwrap();
+        (v["config"].clone(), tensors, v["n_params"].as_u64().unwrap() as usize)
+    }
+
+    fn assert_layout<M: Module>(module: &M, name: &str) {
+        let (_, expected, n_params) = layout(name);
+        let ours: BTreeMap<String, Vec<usize>> = parameter_shapes(module).into_iter().collect();
+        let missing: Vec<_> = expected.keys().filter(|k| !ours.contains_key(*k)).collect();
+        let extra: Vec<_> = ours.keys().filter(|k| !expected.contains_key(*k)).collect();
+        assert!(missing.is_empty() && extra.is_empty(), "{name}: missing {missing:?}, extra {extra:?}");
+        for (k, shape) in &expected {
+            assert_eq!(&ours[k], shape, "{name}: {k}");
+        }
+        assert_eq!(parameter_count(module), n_params, "{name}: parameter count");
+    }
+
+    #[test]
+    fn unets_match_diffusers_layouts() {
+        for name in ["unet_sd15.json", "unet_bk_sdm_tiny.json", "unet_bk_sdm_small.json"] {
+            let config: UNetConfig = UNetConfig::from_json(&layout(name).0.to_string()).unwrap();
+            // Lazy parameters: nothing is allocated for these 0.3-0.9 B parameter models.
+            assert_layout(&UNet2DConditionModel::new(&config, &device()), name);
+        }
+    }
+
+    #[test]
+    fn vae_and_text_encoder_match_layouts() {
+        let vae = VaeConfig::from_json(&layout("vae_sd15.json").0.to_string()).unwrap();
+        assert_eq!(vae, VaeConfig { scaling_factor: 0.18215, ..VaeConfig::sd() });
+        assert_layout(&AutoencoderKL::new(&vae, &device()), "vae_sd15.json");
+        let clip = ClipTextConfig::from_json(&layout("text_encoder_clip_vit_l14.json").0.to_string()).unwrap();
+        assert_eq!(clip, ClipTextConfig::vit_l14());
+        assert_layout(&ClipTextModel::new(&clip, &device()), "text_encoder_clip_vit_l14.json");
+    }
+}

@@ -1,0 +1,297 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::header::{self, Entry};
+use crate::{DType, WeightError};
+
+/// What the header says about a float tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// A tensor converted to f32, row-major (C order) as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor32 {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// One safetensors file held in memory with its header parsed and validated. Tensors are
+/// converted to f32 only when loaded, so a component can be loaded one tensor at a time.
+pub struct WeightFile {
+    name: String,
+    bytes: Vec<u8>,
+    tensors: BTreeMap<String, Entry>,
+    unsupported: BTreeMap<String, String>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl WeightFile {
+    /// Parses `bytes`; `name` (a file name or path) is what error messages call the file.
+    pub fn from_bytes(name: impl Into<String>, bytes: Vec<u8>) -> Result<Self, WeightError> {
+        let name = name.into();
+        let header = header::parse(&name, &bytes)?;
+        Ok(Self {
+            name,
+            bytes,
+            tensors: header.tensors,
+            unsupported: header.unsupported,
+            metadata: header.metadata,
+        })
+    }
+
+    /// Reads and parses a file; messages name it by the path as given.
+    pub fn open(path: &Path) -> Result<Self, WeightError> {
+        let name = path.display().to_string();
+        match std::fs::read(path) {
+            Ok(bytes) => Self::from_bytes(name, bytes),
+            Err(source) => Err(WeightError::Io { file: name, source }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The loadable (F32, F16, BF16) tensors, in sorted order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn info(&self, key: &str) -> Option<&TensorInfo> {
+        self.tensors.get(key).map(|e| &e.info)
+    }
+
+    /// Tensors of other dtypes (key, dtype name), such as CLIP's int64 `position_ids`: valid in
+    /// the file, absent from [`WeightFile::keys`], an error if loaded.
+    pub fn unsupported_tensors(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.unsupported
+            .iter()
+            .map(|(k, d)| (k.as_str(), d.as_str()))
+    }
+
+    /// The header's `__metadata__` (empty if it has none).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn load_f32(&self, key: &str) -> Result<Tensor32, WeightError> {
+        match self.tensors.get(key) {
+            Some(entry) => Ok(Tensor32 {
+                shape: entry.info.shape.clone(),
+                data: entry.info.dtype.decode(&self.bytes[entry.range.clone()]),
+            }),
+            None => Err(match self.unsupported.get(key) {
+                Some(dtype) => WeightError::UnsupportedDType {
+                    file: self.name.clone(),
+                    tensor: key.to_owned(),
+                    dtype: dtype.clone(),
+                },
+                None => WeightError::Missing {
+                    file: self.name.clone(),
+                    tensor: key.to_owned(),
+                },
+            }),
+        }
+    }
+}
+
+/// Names and sizes only: the bytes would flood any log.
+impl std::fmt::Debug for WeightFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightFile")
+            .field("name", &self.name)
+            .field("bytes", &self.bytes.len())
+            .field("tensors", &self.tensors.len())
+            .field("unsupported", &self.unsupported)
+            .field("metadata", &self.metadata)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{f32_bytes, safetensors_file};
+    use proptest::prelude::*;
+
+    fn small_file() -> Vec<u8> {
+        let f16: Vec<u8> = [0x3c00u16, 0xc000, 0x0001]
+            .iter()
+            .flat_map(|b| b.to_le_bytes())
+            .collect();
+        let bf16: Vec<u8> = [0x3f80u16, 0x4049]
+            .iter()
+            .flat_map(|b| b.to_le_bytes())
+            .collect();
+        safetensors_file(
+            &[
+                ("w32", "F32", &[2, 2], f32_bytes(&[1.0, -2.0, 0.5, 3.0])),
+                ("w16", "F16", &[3], f16),
+                ("wbf", "BF16", &[2, 1], bf16),
+                ("ids", "I64", &[2], vec![0; 16]),
+                ("empty", "F32", &[0, 3], vec![]),
+            ],
+            Some(r#"{"format":"pt","note":"x"}"#),
+        )
+    }
+
+    #[test]
+    fn loads_every_float_dtype() {
+        let f = WeightFile::from_bytes("small.safetensors", small_file()).unwrap();
+        assert_eq!(f.name(), "small.safetensors");
+        assert_eq!(f.keys().collect::<Vec<_>>(), ["empty", "w16", "w32", "wbf"]);
+        assert_eq!(
+            f.info("w16"),
+            Some(&TensorInfo {
+                dtype: DType::F16,
+                shape: vec![3]
+            })
+        );
+        assert_eq!(f.metadata()["note"], "x");
+        let t = f.load_f32("w32").unwrap();
+        assert_eq!((t.shape, t.data), (vec![2, 2], vec![1.0, -2.0, 0.5, 3.0]));
+        assert_eq!(
+            f.load_f32("w16").unwrap().data,
+            vec![1.0, -2.0, 2f32.powi(-24)]
+        );
+        assert_eq!(f.load_f32("wbf").unwrap().data, vec![1.0, 3.140625]);
+        assert_eq!(
+            f.load_f32("empty").unwrap(),
+            Tensor32 {
+                shape: vec![0, 3],
+                data: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn other_dtypes_are_listed_and_fail_to_load_by_name() {
+        let f = WeightFile::from_bytes("small.safetensors", small_file()).unwrap();
+        assert_eq!(
+            f.unsupported_tensors().collect::<Vec<_>>(),
+            [("ids", "I64")]
+        );
+        assert!(f.info("ids").is_none());
+        assert_eq!(
+            f.load_f32("ids").unwrap_err().to_string(),
+            "small.safetensors: tensor ids has dtype I64; only F32, F16 and BF16 can be loaded"
+        );
+        assert_eq!(
+            f.load_f32("nope").unwrap_err().to_string(),
+            "small.safetensors: no tensor nope"
+        );
+    }
+
+    #[test]
+    fn open_reads_a_path_and_names_it_in_errors() {
+        let missing = Path::new("/nonexistent/unet.safetensors");
+        let e = WeightFile::open(missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with("/nonexistent/unet.safetensors: cannot read"),
+            "{e}"
+        );
+        let path = crate::testutil::fixtures().join("tiny-pixel/text_encoder/model.safetensors");
+        let f = WeightFile::open(&path).unwrap();
+        assert!(f.name().ends_with("text_encoder/model.safetensors"));
+        assert_eq!(f.keys().count(), 84);
+    }
+
+    /// Our parser agrees with the reference implementation on files it writes.
+    #[test]
+    fn reads_what_the_safetensors_crate_writes() {
+        use safetensors::tensor::TensorView;
+        let a = f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let b: Vec<u8> = [0x3c00u16, 0x4000]
+            .iter()
+            .flat_map(|b| b.to_le_bytes())
+            .collect();
+        let views = [
+            (
+                "a",
+                TensorView::new(safetensors::Dtype::F32, vec![2, 3], &a).unwrap(),
+            ),
+            (
+                "b",
+                TensorView::new(safetensors::Dtype::BF16, vec![2], &b).unwrap(),
+            ),
+        ];
+        let meta = [("format".to_string(), "pt".to_string())].into();
+        let bytes = safetensors::serialize(views, Some(meta)).unwrap();
+        let f = WeightFile::from_bytes("ref", bytes).unwrap();
+        assert_eq!(
+            f.load_f32("a").unwrap().data,
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        );
+        assert_eq!(f.load_f32("a").unwrap().shape, vec![2, 3]);
+        assert_eq!(f.info("b").unwrap().dtype, DType::BF16);
+        assert_eq!(f.metadata()["format"], "pt");
+    }
+
+    /// Parsing and loading every tensor of arbitrary bytes must end in Ok or Err, never a panic.
+    fn load_everything(bytes: Vec<u8>) {
+        if let Ok(f) = WeightFile::from_bytes("fuzz", bytes) {
+            let keys: Vec<String> = f.keys().map(str::to_owned).collect();
+            for key in keys {
+                let t = f.load_f32(&key).unwrap();
+                assert_eq!(t.data.len(), t.shape.iter().product::<usize>());
+            }
+            let others: Vec<String> = f.unsupported_tensors().map(|(k, _)| k.to_owned()).collect();
+            for key in others {
+                assert!(f.load_f32(&key).is_err());
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            load_everything(bytes);
+        }
+
+        #[test]
+        fn random_header_after_a_valid_length(header in proptest::collection::vec(any::<u8>(), 0..128),
+                                              data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(header);
+            bytes.extend(data);
+            load_everything(bytes);
+        }
+
+        #[test]
+        fn mutated_valid_files_never_panic(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let mut bytes = small_file();
+            for (at, byte) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            if truncate {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            load_everything(bytes);
+        }
+
+        /// Mutations that keep the JSON readable: digits in the header changed to other digits,
+        /// so shapes and offsets take arbitrary values.
+        #[test]
+        fn mutated_numbers_never_panic(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..10), 1..6),
+        ) {
+            let mut bytes = small_file();
+            let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let digits: Vec<usize> = (8..8 + header_len).filter(|&i| bytes[i].is_ascii_digit()).collect();
+            for (at, d) in edits {
+                bytes[digits[at.index(digits.len())]] = b'0' + d;
+            }
+            load_everything(bytes);
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! File bytes -> named f32 tensors under diffusers names: the first step of Seal's data path.
+//!
+//! [`WeightFile`] parses one safetensors file (from bytes: the browser has no file system, or
+//! from a path) and checks every size its header claims against the bytes actually present.
+//! [`Component`] is one model part's tensors under their diffusers names: either a diffusers
+//! folder's file as it is ([`Component::from_file`]) or one part of an original-layout (LDM)
+//! single-file checkpoint, split and renamed by [`split_single_file`].
+//!
+//! Plain Rust on purpose (no Burn): the model crate decides how tensors become parameters.
+
+mod component;
+mod dtype;
+mod error;
+mod file;
+mod header;
+mod ldm;
+#[cfg(test)]
+mod testutil;
+
+pub use component::Component;
+pub use dtype::DType;
+pub use error::WeightError;
+pub use file::{Tensor32, TensorInfo, WeightFile};
+pub use ldm::{SingleFile, split_single_file};
