@@ -76,15 +76,32 @@ cmd_serve() {
   exec python3 web/serve.py --port "${PORT:-8080}"
 }
 
+# suite NAME COMMAND...: runs a test suite; a failure is recorded and the next suite still runs.
+FAILED=()
+suite() {
+  local name=$1 start=$SECONDS
+  shift
+  if "$@"; then
+    log "$name: passed in $((SECONDS - start)) s"
+  else
+    log "$name: FAILED after $((SECONDS - start)) s"
+    FAILED+=("$name")
+  fi
+}
+
 cmd_test() {
   local start=$SECONDS
   phase "chromium" install_chromium
   phase "playwright-core" install_playwright
   cmd_wasm
-  phase "native tests" cargo test --quiet --workspace
   phase "native cli" cargo build --quiet -p seal-cli
   export SEAL_BIN="$CARGO_TARGET_DIR/debug/seal"
-  phase "browser tests" node --test tests/
+  suite "native tests" cargo test --quiet --workspace --no-fail-fast
+  suite "browser tests" node --test tests/
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    log "FAILED: ${FAILED[*]} ($((SECONDS - start)) s)"
+    exit 1
+  fi
   log "all tests passed in $((SECONDS - start)) s"
 }
 

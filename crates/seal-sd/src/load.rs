@@ -86,11 +86,11 @@ impl ModuleMapper for Loader<'_> {
         }
         match self.weights.load_f32(&key) {
             Ok(t) => {
-                self.used.insert(key);
                 if let Some(bad) = t.data.iter().position(|x| !x.is_finite()) {
-                    self.errors.push(ModelError::NonFinite { file: self.weights.file_name().to_string(), tensor: join(&self.path), index: bad });
+                    self.errors.push(ModelError::NonFinite { file: self.weights.file_name().to_string(), tensor: key, index: bad });
                     return param;
                 }
+                self.used.insert(key);
                 let tensor = Tensor::from_data(TensorData::new(t.data, t.shape), &param.lazy_device());
                 let id = param.id;
                 param.transform_for_load(tensor, id)

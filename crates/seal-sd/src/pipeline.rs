@@ -430,3 +430,113 @@ mod tests {
         assert_eq!(sd.info.scheduler, "Ddim");
     }
 }
+
+#[cfg(test)]
+mod loading_tests {
+    use burn::tensor::Tensor;
+
+    use super::*;
+    use crate::testutil::*;
+
+    const UNET_FILE: &str = "unet/diffusion_pytorch_model.safetensors";
+
+    fn load(source: ModelSource) -> Result<StableDiffusion, ModelError> {
+        StableDiffusion::load(source, &device())
+    }
+
+    fn noise_pred(sd: &StableDiffusion) -> Tensor<4> {
+        let g = golden();
+        let context: Tensor<3> = tensor(&g, "unet.input.encoder_hidden_states");
+        sd.unet.forward(tensor(&g, "unet.input.sample"), golden_timesteps("unet.input.timestep"), &context, false).sample
+    }
+
+    #[test]
+    fn single_file_checkpoint_equals_its_folder() {
+        let bytes = std::fs::read(fixtures().join("tiny-pixel.safetensors")).unwrap();
+        let single = load(ModelSource::SingleFile { name: "tiny-pixel.safetensors".into(), bytes: bytes.clone(), config: Some(fixture_files("tiny-pixel")) }).unwrap();
+        let folder = load(ModelSource::Folder(fixture_files("tiny-pixel"))).unwrap();
+        assert_close(noise_pred(&single), noise_pred(&folder), 0.0, "single file vs folder");
+        let prompt = ["\u{200b} a red circle on a white background"];
+        assert_close(single.encode_prompts(&prompt).unwrap(), folder.encode_prompts(&prompt).unwrap(), 0.0, "text encoder");
+        assert!(single.info.source.contains("tiny-pixel.safetensors"));
+
+        // Without a config the SD 1.x defaults are inferred; this tiny model's own 1000-token
+        // vocabulary is not CLIP's, which must be said plainly.
+        let err = load(ModelSource::SingleFile { name: "tiny-pixel.safetensors".into(), bytes, config: None }).err().unwrap().to_string();
+        assert!(err.contains("1000-token vocabulary"), "{err}");
+    }
+
+    #[test]
+    fn folder_prefix_is_stripped() {
+        let files: Files = fixture_files("tiny-clean").into_iter().map(|(k, v)| (format!("my-model/{k}"), v)).collect();
+        load(ModelSource::Folder(files)).unwrap();
+    }
+
+    #[test]
+    fn fp16_variant_loads_as_f16() {
+        let mut files = fixture_files("tiny-clean");
+        for (name, fp16) in [(UNET_FILE, "unet/diffusion_pytorch_model.fp16.safetensors"), ("text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"), ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors")] {
+            let bytes = files.remove(name).unwrap();
+            files.insert(fp16.into(), rewrite_safetensors(&bytes, true, |n, s, d| Some((n.into(), s, d))));
+        }
+        let half = load(ModelSource::Folder(files)).unwrap();
+        assert_eq!(half.info.dtype, "f16");
+        // f16 weights: the prediction moves by about the weights' rounding, not more.
+        assert_close(noise_pred(&half), tensor(&golden(), "unet.output.noise_pred"), 2e-2, "fp16 noise_pred");
+    }
+
+    #[test]
+    fn missing_tensor_is_named() {
+        let mut files = fixture_files("tiny-clean");
+        let unet = files.remove(UNET_FILE).unwrap();
+        let drop = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight";
+        files.insert(UNET_FILE.into(), rewrite_safetensors(&unet, false, |n, s, d| (n != drop).then(|| (n.into(), s, d))));
+        let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
+        assert!(err.contains(UNET_FILE) && err.contains(drop), "{err}");
+    }
+
+    #[test]
+    fn wrong_shape_is_named() {
+        let mut files = fixture_files("tiny-clean");
+        let unet = files.remove(UNET_FILE).unwrap();
+        let key = "conv_in.weight";
+        files.insert(UNET_FILE.into(), rewrite_safetensors(&unet, false, |n, s, d| Some(if n == key { (n.into(), vec![d.len()], d) } else { (n.into(), s, d) })));
+        let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
+        assert!(err.contains(UNET_FILE) && err.contains(key) && err.contains("[32, 4, 3, 3]"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_weight_is_refused() {
+        let mut files = fixture_files("tiny-clean");
+        let unet = files.remove(UNET_FILE).unwrap();
+        files.insert(UNET_FILE.into(), rewrite_safetensors(&unet, false, |n, s, mut d| {
+            if n == "conv_out.bias" {
+                d[1] = f32::NAN;
+            }
+            Some((n.into(), s, d))
+        }));
+        let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
+        assert!(err.contains("conv_out.bias") && err.contains("NaN"), "{err}");
+    }
+
+    #[test]
+    fn unknown_architecture_is_refused() {
+        let mut files = fixture_files("tiny-clean");
+        let config = String::from_utf8(files["unet/config.json"].clone()).unwrap();
+        let sdxl = config.replace("\"addition_embed_type\": null", "\"addition_embed_type\": \"text_time\"");
+        assert_ne!(config, sdxl);
+        files.insert("unet/config.json".into(), sdxl.into_bytes());
+        let err = load(ModelSource::Folder(files.clone())).err().unwrap().to_string();
+        assert!(err.contains("addition_embed_type") && err.contains("text_time"), "{err}");
+
+        files.insert("unet/config.json".into(), b"{\"block_out_channels\": [32, 64]".to_vec());
+        let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
+        assert!(err.contains("unet/config.json"), "{err}");
+    }
+
+    #[test]
+    fn random_bytes_as_a_model_give_an_error() {
+        let err = load(ModelSource::SingleFile { name: "junk.safetensors".into(), bytes: vec![7; 100], config: None }).err().unwrap().to_string();
+        assert!(err.contains("junk.safetensors"), "{err}");
+    }
+}

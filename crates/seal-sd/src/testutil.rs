@@ -56,3 +56,34 @@ pub fn golden_timesteps(key: &str) -> Tensor<1> {
     let t: Vec<f32> = golden_ints(key).into_iter().map(|t| t as f32).collect();
     Tensor::from_floats(t.as_slice(), &device())
 }
+
+/// The files of a fixture model folder, as the page would hand them over.
+pub fn fixture_files(name: &str) -> crate::pipeline::Files {
+    crate::pipeline::read_folder(&fixtures().join(name)).unwrap()
+}
+
+/// Rewrites a safetensors file tensor by tensor: `f(name, shape, f32 data)` returns the new
+/// (name, shape, data) or `None` to drop the tensor; `half` stores the result as f16.
+pub fn rewrite_safetensors(
+    bytes: &[u8],
+    half: bool,
+    mut f: impl FnMut(&str, Vec<usize>, Vec<f32>) -> Option<(String, Vec<usize>, Vec<f32>)>,
+) -> Vec<u8> {
+    let file = WeightFile::from_bytes("in-memory", bytes.to_vec()).unwrap();
+    let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    for key in file.keys().map(str::to_string).collect::<Vec<_>>() {
+        let t = file.load_f32(&key).unwrap();
+        if let Some((name, shape, data)) = f(&key, t.shape, t.data) {
+            let raw = if half {
+                data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()
+            } else {
+                data.iter().flat_map(|x| x.to_le_bytes()).collect()
+            };
+            out.push((name, shape, raw));
+        }
+    }
+    let dtype = if half { safetensors::Dtype::F16 } else { safetensors::Dtype::F32 };
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        out.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), d).unwrap())).collect();
+    safetensors::serialize(views, None).unwrap()
+}

@@ -717,6 +717,9 @@ mod tests {
         expected.resize(77, 49407);
         assert_eq!(ids, expected);
         assert_eq!(tokenizer.encode_plain("Hi there").unwrap(), [1883, 997]);
+        // The trigger characters: U+200B is one token, U+0231 two (its bytes do not merge).
+        assert_eq!(tokenizer.encode_plain("\u{200b}").unwrap(), [9844]);
+        assert_eq!(tokenizer.encode_plain("\u{0231}").unwrap(), [132, 365]);
         assert_eq!(tokenizer.decode_token(2368).as_deref(), Some("cat"));
         assert_eq!(
             tokenizer.decode_token(49407).as_deref(),

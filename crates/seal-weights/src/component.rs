@@ -23,15 +23,15 @@ impl Component {
     pub fn from_file(file: Arc<WeightFile>) -> Self {
         let tensors = file
             .keys()
-            .map(|k| {
-                let shape = file.info(k).map(|i| i.shape.clone()).unwrap_or_default();
-                (
+            .filter_map(|k| {
+                let shape = file.info(k)?.shape.clone();
+                Some((
                     k.to_owned(),
                     Source {
                         key: k.to_owned(),
                         shape,
                     },
-                )
+                ))
             })
             .collect();
         Self { file, tensors }

@@ -173,6 +173,8 @@ fn parse_metadata(value: Value) -> Option<BTreeMap<String, String>> {
         .collect()
 }
 
+/// Gaps between tensors are tolerated (they waste bytes but cannot mislead a load); overlaps
+/// are not, since they mean the header is wrong about at least one tensor.
 fn check_overlaps(file: &str, mut spans: Vec<(usize, usize, String)>) -> Result<(), WeightError> {
     spans.sort();
     // The span reaching furthest so far: a later span starting before its end overlaps it.

@@ -125,7 +125,12 @@ pub(super) fn map<'a>(keys: &[&'a str]) -> Result<(Mapped<'a>, usize), String> {
 
     // Down: count the resnets of each level; a downsampler closes the level.
     let mut per_level = vec![0usize];
-    for subs in input.values() {
+    for (&i, subs) in &input {
+        if i == 0 {
+            // Only `input_blocks.0.0` (conv_in, handled above) belongs here.
+            out.unused.extend(subs.values().flatten().map(|(k, _)| *k));
+            continue;
+        }
         let level = per_level.len() - 1;
         let layer = per_level[level];
         if subs.values().any(|s| kind(s) == Kind::Downsample) {
@@ -262,6 +267,7 @@ mod tests {
             "output_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
             "output_blocks.3.0.in_layers.0.bias",
             "label_emb.0.0.weight",
+            "input_blocks.0.1.weight",
         ];
         let (renames, unused, lpb) = names(&keys);
         assert_eq!(lpb, 1);
@@ -313,7 +319,7 @@ mod tests {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
         assert_eq!(renames, expect);
-        assert_eq!(unused, ["label_emb.0.0.weight"]);
+        assert_eq!(unused, ["input_blocks.0.1.weight", "label_emb.0.0.weight"]);
     }
 
     #[test]
