@@ -39,8 +39,9 @@ before(async () => {
 after(() => server?.kill());
 
 // Opens the page in a fresh browser profile, records every request (the page's and the worker's:
-// routing is per context) and blocks any that leave the local server.
-async function openPage(query, { webgpu = true } = {}) {
+// routing is per context) and blocks any that leave the local server. `workerPrelude` is code
+// prepended to web/worker.js, to inject faults.
+async function openPage(query, { webgpu = true, workerPrelude = "" } = {}) {
   const profile = mkdtempSync(path.join(tmpdir(), "seal-chromium-"));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: "/usr/bin/chromium",
@@ -49,10 +50,15 @@ async function openPage(query, { webgpu = true } = {}) {
   });
   const requests = new Set();
   context.on("request", (request) => requests.add(request.url()));
-  await context.route("**/*", (route) => {
+  await context.route("**/*", async (route) => {
     const url = route.request().url();
     requests.add(url);
-    return url.startsWith(`${origin}/`) ? route.continue() : route.abort("blockedbyclient");
+    if (!url.startsWith(`${origin}/`)) return route.abort("blockedbyclient");
+    if (workerPrelude && url === `${origin}/web/worker.js`) {
+      const response = await route.fetch();
+      return route.fulfill({ response, body: workerPrelude + (await response.text()) });
+    }
+    return route.continue();
   });
   const page = context.pages()[0] ?? (await context.newPage());
   const errors = [];
@@ -151,6 +157,20 @@ test("without a WebGPU adapter the page falls back to the CPU and says why", asy
     const { backend, reason, shown } = await finish(run, "no-webgpu");
     assert.equal(backend, "cpu");
     assert.match(reason, /no adapter|no WebGPU/);
+    assertMatchesNative(shown, 1e-5);
+  } finally {
+    await run.close();
+  }
+});
+
+test("if WebGPU fails, the page starts over on the CPU and says why", async () => {
+  const workerPrelude =
+    "GPUAdapter.prototype.requestDevice = () => Promise.reject(new Error('injected device failure'));\n";
+  const run = await openPage("?backend=webgpu", { workerPrelude });
+  try {
+    const { backend, reason, shown } = await finish(run, "webgpu-failed");
+    assert.equal(backend, "cpu");
+    assert.match(reason, /WebGPU failed.*injected device failure/);
     assertMatchesNative(shown, 1e-5);
   } finally {
     await run.close();

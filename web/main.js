@@ -2,19 +2,30 @@
 // ?backend=webgpu or ?backend=cpu forces a backend; the default picks WebGPU when it works.
 
 const $ = (selector) => document.querySelector(selector);
-const backend = new URLSearchParams(location.search).get("backend") ?? "auto";
-const worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
 
-worker.onmessage = ({ data }) => {
-  switch (data.type) {
-    case "status": return setStatus("running", data.text);
-    case "engine": return showEngine(data);
-    case "result": return showResult(data);
-    case "error": return setStatus("error", `The engine failed: ${data.message}`);
-  }
-};
-worker.onerror = (event) => setStatus("error", `The worker could not start: ${event.message ?? "load error"}`);
-worker.postMessage({ backend });
+// Each run gets a fresh worker; if anything fails off the CPU, the page starts over on the CPU.
+function start(backend, reason) {
+  const worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+  const fail = (message) => {
+    if (backend === "cpu") return setStatus("error", `The engine failed: ${message}`);
+    worker.terminate();
+    console.warn("WebGPU failed:", message); // in full: wgpu errors can carry a JS stack trace
+    const brief = message.length > 160 ? `${message.slice(0, 160)}…` : message;
+    start("cpu", `WebGPU failed, so the CPU took over: ${brief}`);
+  };
+  worker.onmessage = ({ data }) => {
+    switch (data.type) {
+      case "status": return setStatus("running", data.text);
+      case "engine": return showEngine(data);
+      case "result": return showResult(data);
+      case "error": return fail(data.message);
+    }
+  };
+  worker.onerror = (event) => fail(`the worker could not start (${event.message ?? "load error"})`);
+  worker.postMessage({ backend, reason });
+}
+
+start(new URLSearchParams(location.search).get("backend") ?? "auto", "CPU requested (?backend=cpu)");
 
 function setStatus(state, text) {
   document.body.dataset.state = state;

@@ -1,46 +1,37 @@
-// Runs the engine (Rust compiled to wasm) off the main thread. The page tells it which backend
-// to use ("auto", "webgpu" or "cpu"); it answers with messages that main.js renders:
+// Runs the engine (Rust compiled to wasm) off the main thread. main.js sends {backend, reason}
+// (backend "auto", "webgpu" or "cpu") and renders what comes back:
 //   {type: "status", text}  {type: "engine", backend, reason, adapter?, limits?}
 //   {type: "result", backend, result, ms}  {type: "error", message}
+// Any WebGPU failure ends as an "error"; main.js then starts a fresh worker on the CPU, so a
+// crashed wasm instance is never reused.
 import init, { Engine } from "../dist/seal_web.js";
 
 const post = (message) => self.postMessage(message);
 
-self.onmessage = async ({ data: { backend } }) => {
+self.onmessage = async ({ data: { backend, reason } }) => {
   try {
     await init();
-    await run(backend);
+    await run(backend, reason);
   } catch (e) {
     post({ type: "error", message: String(e) });
   }
 };
 
-async function run(wanted) {
-  let engine = null;
-  let reason = "CPU requested (?backend=cpu)";
+async function run(wanted, reason) {
   if (wanted !== "cpu") {
     post({ type: "status", text: "Looking for a WebGPU adapter…" });
     const found = await findAdapter();
-    reason = found.reason;
     if (found.adapter) {
-      try {
-        engine = await Engine.webgpu();
-        reason = wanted === "webgpu" ? "WebGPU requested (?backend=webgpu)" : "a WebGPU adapter is available";
-        post({ type: "engine", backend: "webgpu", reason, adapter: found.adapter,
-               limits: JSON.parse(engine.limits()) });
-      } catch (e) {
-        reason = `WebGPU initialisation failed: ${e}`;
-      }
-    }
-  }
-  if (engine) {
-    try {
+      const engine = await Engine.webgpu();
+      post({
+        type: "engine", backend: "webgpu", adapter: found.adapter, limits: JSON.parse(engine.limits()),
+        reason: wanted === "webgpu" ? "WebGPU requested (?backend=webgpu)" : "a WebGPU adapter is available",
+      });
       return post(await probe(engine));
-    } catch (e) {
-      reason = `the computation failed on WebGPU: ${e}`;
     }
+    reason = found.reason;
   }
-  engine = Engine.cpu();
+  const engine = Engine.cpu();
   post({ type: "engine", backend: "cpu", reason });
   post(await probe(engine));
 }
@@ -62,7 +53,7 @@ async function findAdapter() {
   if (!adapter) {
     return { reason: "WebGPU is present but offers no adapter (disabled or blocklisted GPU)" };
   }
-  const { vendor, architecture, device, description } = adapter.info;
-  const isFallbackAdapter = adapter.info.isFallbackAdapter ?? adapter.isFallbackAdapter;
-  return { adapter: { vendor, architecture, device, description, isFallbackAdapter } };
+  const info = adapter.info ?? {}; // GPUAdapter.info: Chrome 127+
+  const { vendor, architecture, device, description } = info;
+  return { adapter: { vendor, architecture, device, description, isFallbackAdapter: info.isFallbackAdapter ?? adapter.isFallbackAdapter } };
 }

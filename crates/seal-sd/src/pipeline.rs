@@ -227,7 +227,7 @@ fn infer_configs(unet: &Component, text: &Component, vae: &Component, layers_per
 
 impl StableDiffusion {
     pub fn load(source: ModelSource, device: &Device) -> Result<Self, ModelError> {
-        let (configs, unet_w, text_w, vae_w, source_name, mut notes) = match source {
+        let (configs, unet_w, text_w, vae_w, source_name, notes) = match source {
             ModelSource::Folder(files) => {
                 let mut files = normalize_folder(files);
                 let configs = folder_configs(&files)?;
@@ -268,17 +268,40 @@ impl StableDiffusion {
         // transformers keeps `position_ids` as a buffer in some exports; it is not a weight.
         unused.extend(unused_text.into_iter().filter(|k| !k.ends_with("position_ids")).map(|k| format!("text_encoder: {k}")));
         unused.extend(unused_vae.into_iter().map(|k| format!("vae: {k}")));
+        let mut sd = Self::from_parts(tokenizer, text_encoder, unet, vae, unet_config, vae_config, scheduler, source_name, device);
+        sd.info.dtype = dtype.into();
+        sd.info.unused_keys = unused;
+        sd.info.notes.splice(0..0, notes);
+        Ok(sd)
+    }
+
+    /// A model with random weights of the given shapes (benchmarks, tests); nothing is loaded.
+    pub fn random(unet: &UNetConfig, text: &ClipTextConfig, vae: &VaeConfig, tokenizer: ClipTokenizer, device: &Device) -> Self {
+        let parts = (UNet2DConditionModel::new(unet, device), ClipTextModel::new(text, device), AutoencoderKL::new(vae, device));
+        Self::from_parts(tokenizer, parts.1, parts.0, parts.2, unet.clone(), vae.clone(), SchedulerConfig::sd(), "random weights".into(), device)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn from_parts(
+        tokenizer: ClipTokenizer,
+        text_encoder: ClipTextModel,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        unet_config: UNetConfig,
+        vae_config: VaeConfig,
+        scheduler: SchedulerConfig,
+        source: String,
+        device: &Device,
+    ) -> Self {
         let (sampler, known) = scheduler.default_sampler();
-        if !known {
-            notes.push(format!("{} is not implemented; sampling uses DDIM with its schedule", scheduler.class_name));
-        }
+        let notes = if known { vec![] } else { vec![format!("{} is not implemented; sampling uses DDIM with its schedule", scheduler.class_name)] };
         let info = ModelInfo {
-            source: source_name,
+            source,
             architecture: describe(&unet_config),
             unet_parameters: parameter_count(&unet),
             text_encoder_parameters: parameter_count(&text_encoder),
             vae_parameters: parameter_count(&vae),
-            dtype: dtype.into(),
+            dtype: "f32".into(),
             unet: UNetSummary {
                 block_out_channels: unet_config.block_out_channels.clone(),
                 layers_per_block: unet_config.layers_per_block.get(0),
@@ -288,10 +311,10 @@ impl StableDiffusion {
             },
             sample_size: unet_config.sample_size * vae_config.downscale(),
             scheduler: format!("{sampler:?}"),
-            unused_keys: unused,
-            notes: std::mem::take(&mut notes),
+            unused_keys: vec![],
+            notes,
         };
-        Ok(Self { tokenizer, text_encoder, unet, vae, unet_config, vae_config, schedule: NoiseSchedule::new(scheduler), info, device: device.clone() })
+        Self { tokenizer, text_encoder, unet, vae, unet_config, vae_config, schedule: NoiseSchedule::new(scheduler), info, device: device.clone() }
     }
 
     /// Token ids `[B, 77]` for prompts.

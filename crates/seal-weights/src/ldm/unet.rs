@@ -319,7 +319,7 @@ mod tests {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
         assert_eq!(renames, expect);
-        assert_eq!(unused, ["input_blocks.0.1.weight", "label_emb.0.0.weight"]);
+        assert_eq!(unused, ["label_emb.0.0.weight", "input_blocks.0.1.weight"]);
     }
 
     #[test]
