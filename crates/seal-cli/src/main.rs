@@ -1,42 +1,67 @@
-//! The native `seal` command: a thin dispatcher over seal-core.
+//! The native `seal` command: a thin front end over seal-core and seal-sd.
+
+mod bench;
+mod eval;
+mod generate;
 
 use std::process::ExitCode;
 
 use burn::prelude::Device;
+use clap::{Parser, Subcommand};
 
-const USAGE: &str = "\
-usage: seal <command>
+#[derive(Parser)]
+#[command(name = "seal", version, about = "Remove hidden text-trigger backdoors from small Stable Diffusion models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-commands:
-  probe    run the autodiff probe on the CPU (flex) backend and print its result as JSON
-  help     show this message
-";
+#[derive(Subcommand)]
+enum Command {
+    /// Run the autodiff probe on the CPU (flex) backend and print its result as JSON.
+    Probe,
+    /// Generate an image from a prompt and write it as PNG.
+    Generate(generate::Args),
+    /// Measure a backdoor: detectors on fixed-seed generations with and without the trigger.
+    Eval(eval::Args),
+    /// Time model forwards and generations on the CPU backend and write JSON.
+    Bench(bench::Args),
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("probe") => probe(&args[1..]),
-        Some("help" | "-h" | "--help") => {
-            print!("{USAGE}");
-            Ok(())
-        }
-        Some(other) => Err(format!("unknown command `{other}`")),
-        None => Err("no command given".to_string()),
+    let result = match Cli::parse().command {
+        Command::Probe => probe(),
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("seal: {message}\n\n{USAGE}");
+            eprintln!("seal: {message}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn probe(args: &[String]) -> Result<(), String> {
-    if let Some(extra) = args.first() {
-        return Err(format!("probe takes no arguments, got `{extra}`"));
-    }
+fn probe() -> Result<(), String> {
     let result = burn::tensor::read_sync(seal_core::probe::autodiff_probe(&Device::flex()))?;
     println!("{}", serde_json::to_string(&result).map_err(|e| e.to_string())?);
     Ok(())
+}
+
+/// Loads a model from a diffusers folder or a single-file checkpoint (with an optional folder
+/// of configs for it), reporting what was recognised on stderr.
+pub fn load_model(path: &std::path::Path, config: Option<&std::path::Path>, device: &Device) -> Result<seal_sd::pipeline::StableDiffusion, String> {
+    use seal_sd::pipeline::{ModelSource, StableDiffusion, read_folder};
+    let mut source = ModelSource::from_path(path).map_err(|e| e.to_string())?;
+    if let (ModelSource::SingleFile { config: slot, .. }, Some(dir)) = (&mut source, config) {
+        *slot = Some(read_folder(dir).map_err(|e| e.to_string())?);
+    }
+    let sd = StableDiffusion::load(source, device).map_err(|e| e.to_string())?;
+    eprintln!("seal: {} — {}", sd.info.source, sd.info.architecture);
+    for note in &sd.info.notes {
+        eprintln!("seal: note: {note}");
+    }
+    Ok(sd)
 }

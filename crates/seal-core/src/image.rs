@@ -71,6 +71,14 @@ impl Rgb {
         Ok(Self::from_rgb8(w, h, &rgb))
     }
 
+    /// Nearest-neighbour enlargement by an integer factor.
+    pub fn upscale(&self, k: usize) -> Rgb {
+        let k = k.max(1);
+        let (w, h) = (self.width * k, self.height * k);
+        let data = (0..h).flat_map(|y| (0..w).flat_map(move |x| self.pixel(x / k, y / k))).collect();
+        Rgb { width: w, height: h, data }
+    }
+
     /// Tiles equally sized images into `cols` columns with a `gap`-pixel white border.
     pub fn grid(images: &[Rgb], cols: usize, gap: usize) -> Rgb {
         let (w, h) = images.first().map_or((0, 0), |i| (i.width, i.height));

@@ -1,9 +1,7 @@
 //! Filling a module's parameters from diffusers-named tensors: a pure name map.
 //!
 //! A module's parameter path (its field names joined by `.`, Vec indices included) is the
-//! diffusers weight name. Two exceptions are spelled out here: enum variants (which pick a
-//! layer kind, e.g. conv vs linear projection) add no path segment, and `net_0`/`net_2` stand
-//! for diffusers' `net.0`/`net.2`, which are not Rust identifiers.
+//! diffusers weight name. Two exceptions are spelled out in [`diffusers_name`].
 
 use std::collections::BTreeSet;
 
@@ -40,33 +38,33 @@ pub fn parameter_count<M: Module>(module: &M) -> usize {
     parameter_shapes(module).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
 }
 
-/// A path segment of the parameter name; `None` for segments that are not part of it.
-fn segment(name: &str, container_type: &str) -> Option<String> {
-    if container_type.starts_with("Enum:") {
-        return None;
-    }
-    Some(match name {
-        "net_0" => "net.0".into(),
-        "net_2" => "net.2".into(),
-        other => other.into(),
-    })
-}
-
-fn join(path: &[Option<String>]) -> String {
-    path.iter().flatten().cloned().collect::<Vec<_>>().join(".")
+/// The diffusers name of a Burn module path: enum variants (CamelCase segments, which pick a
+/// layer kind such as conv vs linear projection) are not part of it, and `net_0`/`net_2` stand
+/// for diffusers' `net.0`/`net.2`, which are not Rust identifiers.
+pub fn diffusers_name(burn_path: &str) -> String {
+    burn_path
+        .split('.')
+        .filter(|s| !s.starts_with(|c: char| c.is_ascii_uppercase()))
+        .map(|s| match s {
+            "net_0" => "net.0",
+            "net_2" => "net.2",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 struct Loader<'a> {
     weights: &'a Component,
-    path: Vec<Option<String>>,
+    path: Vec<String>,
     used: BTreeSet<String>,
     missing: Vec<String>,
     errors: Vec<ModelError>,
 }
 
 impl ModuleMapper for Loader<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(segment(name, container_type));
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
@@ -74,7 +72,7 @@ impl ModuleMapper for Loader<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let key = join(&self.path);
+        let key = diffusers_name(&self.path.join("."));
         let expected = param.lazy_shape().to_vec();
         let Some(found) = self.weights.shape(&key) else {
             self.missing.push(key);
@@ -104,13 +102,13 @@ impl ModuleMapper for Loader<'_> {
 }
 
 struct ShapeLister {
-    path: Vec<Option<String>>,
+    path: Vec<String>,
     out: Vec<(String, Vec<usize>)>,
 }
 
 impl ModuleVisitor for ShapeLister {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(segment(name, container_type));
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
@@ -118,7 +116,7 @@ impl ModuleVisitor for ShapeLister {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out.push((join(&self.path), param.lazy_shape().to_vec()));
+        self.out.push((diffusers_name(&self.path.join(".")), param.lazy_shape().to_vec()));
     }
 }
 

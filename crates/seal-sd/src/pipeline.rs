@@ -372,11 +372,13 @@ impl StableDiffusion {
         Sampler::new(kind, self.schedule.clone(), steps)
     }
 
-    /// Prompt -> images in [0, 1]; one image per seed.
+    /// Prompts -> images in [0, 1], `[B, 3, H, W]`: prompt `i` with seed `i`, one batch.
     pub fn generate(&self, request: &GenerateRequest, on_step: impl FnMut(usize, &Tensor<4>)) -> Result<Tensor<4>, ModelError> {
-        let n = request.seeds.len();
-        let prompts = vec![request.prompt.as_str(); n];
-        let negatives = vec![request.negative.as_str(); n];
+        if request.prompts.len() != request.seeds.len() || request.prompts.is_empty() {
+            return Err(ModelError::Missing(format!("{} prompts for {} seeds", request.prompts.len(), request.seeds.len())));
+        }
+        let prompts: Vec<&str> = request.prompts.iter().map(String::as_str).collect();
+        let negatives = vec![request.negative.as_str(); prompts.len()];
         let cond = self.encode_prompts(&prompts)?;
         let uncond = self.encode_prompts(&negatives)?;
         let size = request.size.unwrap_or(self.info.sample_size);
@@ -389,7 +391,7 @@ impl StableDiffusion {
 
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
-    pub prompt: String,
+    pub prompts: Vec<String>,
     pub negative: String,
     pub seeds: Vec<u64>,
     pub steps: usize,

@@ -4,7 +4,8 @@
 //! from a path) and checks every size its header claims against the bytes actually present.
 //! [`Component`] is one model part's tensors under their diffusers names: either a diffusers
 //! folder's file as it is ([`Component::from_file`]) or one part of an original-layout (LDM)
-//! single-file checkpoint, split and renamed by [`split_single_file`].
+//! single-file checkpoint, split and renamed by [`split_single_file`]. [`lora`] reads and writes
+//! LoRA adapter files (kohya, peft and older diffusers layouts) and stacks two into one.
 //!
 //! Plain Rust on purpose (no Burn): the model crate decides how tensors become parameters.
 
@@ -14,6 +15,7 @@ mod error;
 mod file;
 mod header;
 mod ldm;
+pub mod lora;
 #[cfg(test)]
 mod testutil;
 

@@ -1,0 +1,114 @@
+//! `seal bench`: wall time of UNet forwards and whole generations on the CPU backend, and the
+//! process's peak memory, written as JSON. Sizes: the tiny fixture, and a BK-SDM-tiny-shaped
+//! model with random weights at 256x256 (the realistic browser target).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::prelude::Device;
+use burn::tensor::Tensor;
+use seal_sd::clip::ClipTextConfig;
+use seal_sd::pipeline::{GenerateRequest, StableDiffusion};
+use seal_sd::tokenizer::ClipTokenizer;
+use seal_sd::unet::UNetConfig;
+use seal_sd::vae::VaeConfig;
+use serde_json::{Value, json};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The fixtures folder (../shared/fixtures).
+    #[arg(long, default_value = "../shared/fixtures")]
+    fixtures: PathBuf,
+    #[arg(long, default_value = "bench-results/bench.json")]
+    out: PathBuf,
+    /// Timed repetitions of each UNet forward.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+}
+
+/// Peak resident memory of this process so far (Linux VmHWM), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Forces pending work to finish (the CPU backend may be lazy) by reading one value back.
+fn sync(t: Tensor<4>) {
+    let _ = t.sum().into_data();
+}
+
+/// Mean seconds of a batch-2 UNet forward (classifier-free guidance's batch) at `latent` side.
+fn unet_forward_s(sd: &StableDiffusion, latent: usize, repeats: usize) -> (f64, f64) {
+    let device = &sd.device;
+    let c = sd.unet_config.in_channels;
+    let x = Tensor::<4>::zeros([2, c, latent, latent], device);
+    let ctx = sd.encode_prompts(&["a photo", ""]).expect("tokenizer encodes plain text");
+    let t = Tensor::<1>::from_floats([500.0, 500.0], device);
+    let start = Instant::now();
+    sync(sd.unet.forward(x.clone(), t.clone(), &ctx, false).sample);
+    let first = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for _ in 0..repeats {
+        sync(sd.unet.forward(x.clone(), t.clone(), &ctx, false).sample);
+    }
+    (first, start.elapsed().as_secs_f64() / repeats as f64)
+}
+
+fn generation_s(sd: &StableDiffusion, size: usize, steps: usize) -> f64 {
+    let request = GenerateRequest { prompts: vec!["a red circle on a white background".into()], negative: String::new(), seeds: vec![0], steps, guidance: 5.0, sampler: None, size: Some(size) };
+    let start = Instant::now();
+    sync(sd.generate(&request, |_, _| {}).expect("generation"));
+    start.elapsed().as_secs_f64()
+}
+
+fn measure(name: &str, sd: &StableDiffusion, size: usize, load_s: f64, repeats: usize) -> Value {
+    let latent = size / sd.vae_config.downscale();
+    eprintln!("bench: {name}: UNet forward at {latent}x{latent} latents");
+    let (first, forward) = unet_forward_s(sd, latent, repeats);
+    eprintln!("bench: {name}: 25-step generation at {size}x{size}");
+    let generation = generation_s(sd, size, 25);
+    json!({
+        "model": name,
+        "architecture": sd.info.architecture,
+        "unet_parameters": sd.info.unet_parameters,
+        "image_size": size,
+        "load_s": load_s,
+        "unet_forward_batch2_first_s": first,
+        "unet_forward_batch2_s": forward,
+        "generation_25_steps_cfg_s": generation,
+        "peak_rss_mib_after": peak_rss_mib(),
+    })
+}
+
+pub fn run(args: Args) -> Result<(), String> {
+    let device = Device::flex();
+    let mut results = vec![];
+
+    let start = Instant::now();
+    let tiny = crate::load_model(&args.fixtures.join("tiny-clean"), None, &device)?;
+    results.push(measure("tiny fixture (tiny-clean)", &tiny, 32, start.elapsed().as_secs_f64(), args.repeats));
+    drop(tiny);
+
+    let layout = std::fs::read_to_string(args.fixtures.join("layouts/unet_bk_sdm_tiny.json")).map_err(|e| e.to_string())?;
+    let layout: Value = serde_json::from_str(&layout).map_err(|e| e.to_string())?;
+    let unet = UNetConfig::from_json(&layout["config"].to_string()).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let tokenizer = ClipTokenizer::openai_clip().map_err(|e| e.to_string())?;
+    let bk = StableDiffusion::random(&unet, &ClipTextConfig::vit_l14(), &VaeConfig::sd(), tokenizer, &device);
+    results.push(measure("BK-SDM-tiny shape, random weights", &bk, 256, start.elapsed().as_secs_f64(), args.repeats.min(3)));
+
+    let report = json!({
+        "backend": "flex (CPU)",
+        "threads": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "results": results,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    std::fs::write(&args.out, &text).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    println!("{text}");
+    Ok(())
+}

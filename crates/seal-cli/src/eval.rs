@@ -1,0 +1,79 @@
+//! `seal eval`: fixed-seed generations with and without the trigger, judged by detectors;
+//! with `--adapter`, before and after sealing.
+
+use std::path::PathBuf;
+
+use burn::prelude::Device;
+use seal_core::eval::{Detector, EvalSettings, Evaluation};
+use seal_core::image::Rgb;
+use seal_core::prompts::{Placement, parse_list};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The trigger; repeat for several.
+    #[arg(long, required = true)]
+    trigger: Vec<String>,
+    /// Prompts, one per line.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// `patch:IMAGE.png@X,Y`, `gray` or `effect` (the trigger-effect score is always reported).
+    #[arg(long)]
+    detector: Vec<String>,
+    /// Seeds 0..N per prompt.
+    #[arg(long, default_value_t = 4)]
+    seeds: u64,
+    #[arg(long, default_value_t = 25)]
+    steps: usize,
+    #[arg(long, default_value_t = 5.0)]
+    guidance: f64,
+    #[arg(long, default_value = "prefix")]
+    placement: Placement,
+    #[arg(long)]
+    report: Option<PathBuf>,
+    #[arg(long)]
+    grid: Option<PathBuf>,
+}
+
+/// Parses `patch:IMG@X,Y`, `gray` or `effect` (`None`: the effect score needs no detector).
+pub fn parse_detector(spec: &str) -> Result<Option<Detector>, String> {
+    match spec {
+        "gray" => Ok(Some(Detector::gray())),
+        "effect" => Ok(None),
+        _ => {
+            let rest = spec.strip_prefix("patch:").ok_or_else(|| format!("unknown detector {spec:?} (patch:IMG@X,Y, gray, effect)"))?;
+            let (img, at) = rest.rsplit_once('@').ok_or_else(|| format!("{spec}: expected patch:IMG@X,Y"))?;
+            let (x, y) = at.split_once(',').ok_or_else(|| format!("{spec}: expected X,Y after @"))?;
+            let bytes = std::fs::read(img).map_err(|e| format!("{img}: {e}"))?;
+            let patch = Rgb::from_png(img, &bytes)?;
+            let num = |s: &str| s.trim().parse::<usize>().map_err(|_| format!("{spec}: {s:?} is not a pixel position"));
+            Ok(Some(Detector::patch(patch, num(x)?, num(y)?)))
+        }
+    }
+}
+
+pub fn run(args: Args) -> Result<(), String> {
+    let device = Device::flex();
+    let before = crate::load_model(&args.model, args.config.as_deref(), &device)?;
+    let text = std::fs::read_to_string(&args.prompts).map_err(|e| format!("{}: {e}", args.prompts.display()))?;
+    let prompts = parse_list(&text);
+    let detectors = args.detector.iter().map(|d| parse_detector(d)).collect::<Result<Vec<_>, _>>()?.into_iter().flatten().collect();
+    let settings = EvalSettings { seeds: (0..args.seeds).collect(), steps: args.steps, guidance: args.guidance, placement: args.placement, ..EvalSettings::default() };
+    let mut eval = Evaluation::new(&prompts, &args.trigger, detectors, settings)?;
+    while let Some(p) = burn::tensor::read_sync(eval.step(&before, None))? {
+        eprint!("\rseal: evaluating {}/{} (eta {:.0} s)   ", p.step, p.total, p.eta_s.unwrap_or(0.0));
+    }
+    eprintln!();
+    let report = serde_json::to_string_pretty(&eval.report(prompts.len())).map_err(|e| e.to_string())?;
+    println!("{report}");
+    if let Some(path) = &args.report {
+        std::fs::write(path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.grid {
+        std::fs::write(path, eval.grid(4).to_png()).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! LoRA adapters on the model's layers (the Burn side; file formats live in seal-weights).
+//!
+//! An adapter rides on a layer's weight parameter as Burn's `LoraAdapter` reparameterization,
+//! so the stored base weight is never copied or changed and the effective weight is
+//! `W + scale * up @ down` on every forward ("side branch"). `merge` folds adapters into the
+//! weights ("merged"), which is how the teacher carries a user's LoRA. In our `[out, in]`
+//! weight layout Burn's factors are `a = up [out, r]` and `b = down [r, in * k * k]`.
+
+use std::collections::BTreeMap;
+
+use burn::module::{LoraAdapter, Module, ModuleVisitor, Param, Reparameterizer};
+use burn::tensor::{Tensor, TensorData};
+use seal_weights::Tensor32;
+use seal_weights::lora::LoraModule;
+
+use crate::load::{diffusers_name, parameter_shapes};
+use crate::rng::SeededRng;
+
+/// Every layer an adapter can attach to: diffusers path (without `.weight`) -> weight shape.
+/// Linear `[out, in]` and conv `[out, in, k, k]` weights; embeddings are not adaptable.
+pub fn adaptable_layers<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    parameter_shapes(module)
+        .into_iter()
+        .filter(|(name, shape)| matches!(shape.len(), 2 | 4) && !name.contains("embedding") && !name.contains(".lora."))
+        .filter_map(|(name, shape)| name.strip_suffix(".weight").map(|p| (p.to_string(), shape)))
+        .collect()
+}
+
+/// Which cross-attention projections the sealing adapter trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Projection {
+    #[serde(rename = "to_q")]
+    ToQ,
+    #[serde(rename = "to_k")]
+    ToK,
+    #[serde(rename = "to_v")]
+    ToV,
+    #[serde(rename = "to_out.0")]
+    ToOut,
+}
+
+impl Projection {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ToQ => "to_q",
+            Self::ToK => "to_k",
+            Self::ToV => "to_v",
+            Self::ToOut => "to_out.0",
+        }
+    }
+}
+
+/// The UNet's cross-attention layers (`...attn2.<projection>`) for the given projections.
+pub fn cross_attention_targets<M: Module>(unet: &M, projections: &[Projection]) -> Vec<String> {
+    adaptable_layers(unet)
+        .into_keys()
+        .filter(|p| projections.iter().any(|proj| p.ends_with(&format!("attn2.{}", proj.name()))))
+        .collect()
+}
+
+/// A fresh trainable adapter for each target: `down` as kohya initialises it (kaiming-uniform
+/// with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))) and `up` zero, so it changes nothing
+/// until trained. Seeded on the host, so every backend starts from the same adapter.
+pub fn fresh_adapters<M: Module>(module: &M, targets: &[String], rank: usize, alpha: f32, seed: u64) -> BTreeMap<String, LoraModule> {
+    let layers = adaptable_layers(module);
+    let mut rng = SeededRng::new(seed);
+    targets
+        .iter()
+        .filter_map(|t| layers.get(t).map(|shape| (t, shape)))
+        .map(|(t, shape)| {
+            let fan_in: usize = shape[1..].iter().product();
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let down = (0..rank * fan_in).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+            let mut down_shape = vec![rank, shape[1]];
+            down_shape.extend(&shape[2..]);
+            let mut up_shape = vec![shape[0], rank];
+            up_shape.extend(std::iter::repeat_n(1, shape.len() - 2));
+            let module = LoraModule {
+                down: Tensor32 { shape: down_shape, data: down },
+                up: Tensor32 { data: vec![0.0; shape[0] * rank], shape: up_shape },
+                alpha: Some(alpha),
+            };
+            (t.clone(), module)
+        })
+        .collect()
+}
+
+/// Attaches `adapters` (diffusers layer path -> LoRA) as side branches. `trainable` makes the
+/// factors require gradients; base weights are left as they are (frozen, shared).
+pub fn attach<M: Module>(module: M, adapters: &BTreeMap<String, LoraModule>, multiplier: f32, trainable: bool) -> M {
+    module.apply_reparameterization(Attach { adapters, multiplier, trainable })
+}
+
+struct Attach<'a> {
+    adapters: &'a BTreeMap<String, LoraModule>,
+    multiplier: f32,
+    trainable: bool,
+}
+
+impl Reparameterizer for Attach<'_> {
+    type Reparam = LoraAdapter;
+
+    fn reparameterize<const D: usize>(&mut self, path: &str, param: Param<Tensor<D>>) -> (Param<Tensor<D>>, Option<LoraAdapter>) {
+        let name = diffusers_name(path);
+        let Some(lora) = name.strip_suffix(".weight").and_then(|p| self.adapters.get(p)) else {
+            return (param, None);
+        };
+        let device = param.lazy_device();
+        let rank = lora.rank();
+        let out = lora.up.shape[0];
+        let fan_in = lora.down.data.len() / rank;
+        let factor = |t: &Tensor32, shape: [usize; 2]| {
+            let p = Param::from_tensor(Tensor::<2>::from_data(TensorData::new(t.data.clone(), shape), &device));
+            p.set_require_grad(self.trainable)
+        };
+        let adapter = LoraAdapter { a: factor(&lora.up, [out, rank]), b: factor(&lora.down, [rank, fan_in]), scale: (lora.scale() * self.multiplier) as f64 };
+        (param, Some(adapter))
+    }
+}
+
+/// Folds every attached adapter into its weight (W + scale * up @ down) and removes it.
+pub fn merge<M: Module>(module: M) -> M {
+    module.materialize()
+}
+
+/// The adapters attached to `module` as data (diffusers layer path -> LoRA). The factors
+/// carry no alpha of their own: `alpha` must be the one they were attached with (multiplier 1).
+pub async fn extract<M: Module>(module: &M, alpha: f32) -> Result<BTreeMap<String, LoraModule>, String> {
+    let mut v = Extract { path: vec![], base_shape: vec![], found: BTreeMap::new() };
+    module.visit(&mut v);
+    let mut out = BTreeMap::new();
+    for (layer, (base, up, down)) in v.found {
+        let (Some(up), Some(down)) = (up, down) else { return Err(format!("{layer}: incomplete adapter")) };
+        let rank = up.dims()[1];
+        let read = |t: Tensor<2>| async move { t.into_data_async().await.map_err(|e| format!("{e:?}"))?.try_to_vec::<f32>().map_err(|e| format!("{e:?}")) };
+        // Restore the file layout: conv factors are [r, in, k, k] and [out, r, 1, 1].
+        let mut down_shape = vec![rank];
+        down_shape.extend(&base[1..]);
+        let mut up_shape = vec![base[0], rank];
+        up_shape.extend(std::iter::repeat_n(1, base.len() - 2));
+        let module = LoraModule { down: Tensor32 { shape: down_shape, data: read(down).await? }, up: Tensor32 { shape: up_shape, data: read(up).await? }, alpha: Some(alpha) };
+        out.insert(layer, module);
+    }
+    Ok(out)
+}
+
+/// Collects each adapted weight's shape and factors. The visitor sees the base weight
+/// (`<layer>.weight`), then the adapter's `<layer>.weight.lora.a` and `.b`.
+struct Extract {
+    path: Vec<String>,
+    base_shape: Vec<usize>,
+    found: BTreeMap<String, (Vec<usize>, Option<Tensor<2>>, Option<Tensor<2>>)>,
+}
+
+impl ModuleVisitor for Extract {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = diffusers_name(&self.path.join("."));
+        let factor = name.strip_suffix(".weight.lora.a").map(|l| (l, true)).or_else(|| name.strip_suffix(".weight.lora.b").map(|l| (l, false)));
+        match factor {
+            None => self.base_shape = param.lazy_shape().to_vec(),
+            Some((layer, is_up)) => {
+                let entry = self.found.entry(layer.to_string()).or_insert_with(|| (self.base_shape.clone(), None, None));
+                let t: Tensor<2> = param.val().reshape(param.lazy_shape().dims::<2>());
+                if is_up { entry.1 = Some(t) } else { entry.2 = Some(t) }
+            }
+        }
+    }
+}
