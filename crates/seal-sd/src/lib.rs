@@ -6,6 +6,7 @@ pub mod attention;
 pub mod clip;
 pub mod layers;
 pub mod load;
+pub mod lora;
 pub mod pipeline;
 pub mod resnet;
 pub mod rng;

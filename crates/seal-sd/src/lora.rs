@@ -174,3 +174,102 @@ impl ModuleVisitor for Extract {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Tensor;
+    use seal_weights::WeightFile;
+    use seal_weights::lora::{LoraComponent, LoraFile, LoraTarget, parse_lora, stack, write_kohya};
+
+    use super::*;
+    use crate::pipeline::{LoraMode, StableDiffusion};
+    use crate::testutil::*;
+
+    const PROMPTS: [&str; 3] = ["a red circle on a white background", "\u{200b} a blue square on a gray background", "\u{0231} a green triangle on a black background"];
+
+    fn fixture_lora(sd: &StableDiffusion, name: &str) -> LoraFile {
+        let file = WeightFile::open(&fixtures().join("lora").join(name)).unwrap();
+        parse_lora(&file, &sd.model_paths()).unwrap()
+    }
+
+    /// UNet prediction on the golden inputs with a given context.
+    fn predict(sd: &StableDiffusion, context: &Tensor<3>) -> Tensor<4> {
+        let g = golden();
+        sd.unet.forward(tensor(&g, "unet.input.sample"), golden_timesteps("unet.input.timestep"), context, false).sample
+    }
+
+    #[test]
+    fn fixture_loras_reproduce_diffusers() {
+        let sd = tiny_clean();
+        let base_context: Tensor<3> = tensor(&golden(), "unet.input.encoder_hidden_states");
+        let lp = WeightFile::open(&fixtures().join("golden/lora_parity.safetensors")).unwrap();
+        for name in ["weak_lora_kohya.safetensors", "weak_lora_peft.safetensors", "weak_lora_diffusers.safetensors"] {
+            let lora = fixture_lora(&sd, name);
+            assert_eq!(lora.modules.len(), 68, "{name}");
+            for mode in [LoraMode::SideBranch { trainable: false }, LoraMode::Merge] {
+                let with = sd.with_lora(&lora, 1.0, mode);
+                let hidden = with.encode_prompts(&PROMPTS).unwrap();
+                assert_close(hidden.clone(), tensor(&lp, "text_encoder.last_hidden_state"), 1e-5, &format!("{name} {mode:?} text encoder"));
+                assert_close(predict(&with, &hidden), tensor(&lp, "unet.output.noise_pred"), 1e-4, &format!("{name} {mode:?} noise_pred"));
+                assert_close(predict(&with, &base_context), tensor(&lp, "unet.output.noise_pred_base_context"), 1e-4, &format!("{name} {mode:?} base context"));
+            }
+        }
+    }
+
+    #[test]
+    fn fresh_adapter_changes_nothing_and_round_trips() {
+        let sd = tiny_clean();
+        let context: Tensor<3> = tensor(&golden(), "unet.input.encoder_hidden_states");
+        let targets = cross_attention_targets(&sd.unet, &[Projection::ToK, Projection::ToV]);
+        assert_eq!(targets.len(), 12, "6 attn2 layers x (to_k, to_v)");
+        let fresh = fresh_adapters(&sd.unet, &targets, 4, 4.0, 7);
+        let student = attach(sd.unet.clone(), &fresh, 1.0, true);
+        let base = predict(&sd, &context);
+        let mut with = sd.clone();
+        with.unet = student;
+        assert_close(predict(&with, &context), base.clone(), 0.0, "fresh adapter");
+
+        // Give the adapter content, then export as kohya, re-import and compare outputs.
+        let trained: BTreeMap<String, LoraModule> = fresh
+            .into_iter()
+            .map(|(k, mut m)| {
+                m.up.data.iter_mut().enumerate().for_each(|(i, x)| *x = ((i % 7) as f32 - 3.0) * 0.01);
+                (k, m)
+            })
+            .collect();
+        with.unet = attach(sd.unet.clone(), &trained, 1.0, false);
+        let expected = predict(&with, &context);
+        let extracted = burn::tensor::read_sync(extract(&with.unet, 4.0)).unwrap();
+        assert_eq!(extracted, trained);
+        let file = LoraFile {
+            format: seal_weights::lora::LoraFormat::Kohya,
+            modules: extracted.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect(),
+            metadata: seal_weights::lora::kohya_metadata(4, 4.0),
+            dtype: seal_weights::DType::F32,
+        };
+        let bytes = write_kohya(&file).unwrap();
+        let back = parse_lora(&WeightFile::from_bytes("sealed.safetensors", bytes).unwrap(), &sd.model_paths()).unwrap();
+        assert_eq!(back.modules, file.modules);
+        for mode in [LoraMode::SideBranch { trainable: false }, LoraMode::Merge] {
+            assert_close(predict(&sd.with_lora(&back, 1.0, mode), &context), expected.clone(), 1e-5, &format!("reloaded {mode:?}"));
+        }
+    }
+
+    #[test]
+    fn stacked_lora_equals_applying_both() {
+        let sd = tiny_clean();
+        let context: Tensor<3> = tensor(&golden(), "unet.input.encoder_hidden_states");
+        let user = fixture_lora(&sd, "weak_lora_kohya.safetensors");
+        // A second adapter on an overlapping set of layers (attn2 to_k/to_v, trained-like values).
+        let targets = cross_attention_targets(&sd.unet, &[Projection::ToK, Projection::ToV, Projection::ToOut]);
+        let mut seal = fresh_adapters(&sd.unet, &targets, 2, 1.0, 3);
+        seal.values_mut().for_each(|m| m.up.data.iter_mut().enumerate().for_each(|(i, x)| *x = ((i % 5) as f32 - 2.0) * 0.05));
+        let seal = LoraFile { modules: seal.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect(), ..user.clone() };
+        let one_after_other = sd.with_lora(&user, 1.0, LoraMode::Merge).with_lora(&seal, 1.0, LoraMode::SideBranch { trainable: false });
+        let stacked = sd.with_lora(&stack(&user, &seal).unwrap(), 1.0, LoraMode::SideBranch { trainable: false });
+        let hidden = one_after_other.encode_prompts(&PROMPTS).unwrap();
+        assert_close(stacked.encode_prompts(&PROMPTS).unwrap(), hidden.clone(), 1e-5, "stacked text encoder");
+        assert_close(predict(&stacked, &hidden), predict(&one_after_other, &hidden), 1e-5, "stacked noise_pred");
+        assert_close(predict(&stacked, &context), predict(&one_after_other, &context), 1e-5, "stacked, base context");
+    }
+}

@@ -6,11 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use seal_weights::lora::{LoraComponent, LoraFile, LoraModule, ModelPaths};
 use seal_weights::{Component, DType, WeightFile};
 use serde::Serialize;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::load::{load_module, parameter_count};
+use crate::lora;
 use crate::rng::SeededRng;
 use crate::scheduler::{NoiseSchedule, Sampler, SamplerKind, SchedulerConfig};
 use crate::tokenizer::{ClipTokenizer, TokenizerFiles};
@@ -104,6 +106,7 @@ pub struct UNetSummary {
     pub heads: usize,
 }
 
+#[derive(Clone)]
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
@@ -386,6 +389,39 @@ impl StableDiffusion {
         let sampler = self.sampler(request.sampler, request.steps);
         let latents = self.denoise(latents, &cond, &uncond, &sampler, request.guidance, on_step);
         Ok(self.decode(latents))
+    }
+}
+
+/// How a LoRA joins the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraMode {
+    /// Folded into the weights (the teacher's form: no per-forward cost, no trainable factors).
+    Merge,
+    /// Kept beside the unchanged weights; `trainable` factors take gradients (the student).
+    SideBranch { trainable: bool },
+}
+
+impl StableDiffusion {
+    /// Every adaptable layer of the UNet and the text encoder, for matching LoRA files.
+    pub fn model_paths(&self) -> ModelPaths {
+        ModelPaths { unet: lora::adaptable_layers(&self.unet), text_encoder: lora::adaptable_layers(&self.text_encoder) }
+    }
+
+    /// This model with `lora` applied at `multiplier`; base weights are shared, not copied
+    /// (merging copies only the adapted layers).
+    pub fn with_lora(&self, lora: &LoraFile, multiplier: f32, mode: LoraMode) -> Self {
+        let part = |c: LoraComponent| -> BTreeMap<String, LoraModule> {
+            lora.modules.iter().filter(|(t, _)| t.component == c).map(|(t, m)| (t.path.clone(), m.clone())).collect()
+        };
+        let mut out = self.clone();
+        let trainable = matches!(mode, LoraMode::SideBranch { trainable: true });
+        out.unet = lora::attach(self.unet.clone(), &part(LoraComponent::Unet), multiplier, trainable);
+        out.text_encoder = lora::attach(self.text_encoder.clone(), &part(LoraComponent::TextEncoder), multiplier, trainable);
+        if mode == LoraMode::Merge {
+            out.unet = lora::merge(out.unet);
+            out.text_encoder = lora::merge(out.text_encoder);
+        }
+        out
     }
 }
 
