@@ -7,20 +7,23 @@ use burn::prelude::Device;
 use seal_core::eval::{Detector, EvalSettings, Evaluation};
 use seal_core::image::Rgb;
 use seal_core::prompts::{Placement, parse_list};
+use seal_sd::pipeline::LoraMode;
 
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    model: crate::seal::ModelArgs,
+    /// A sealing adapter: evaluates the model before and after it.
     #[arg(long)]
-    model: PathBuf,
-    #[arg(long)]
-    config: Option<PathBuf>,
+    adapter: Option<PathBuf>,
     /// The trigger; repeat for several.
     #[arg(long, required = true)]
     trigger: Vec<String>,
     /// Prompts, one per line.
     #[arg(long)]
     prompts: PathBuf,
-    /// `patch:IMAGE.png@X,Y`, `gray` or `effect` (the trigger-effect score is always reported).
+    /// `patch:IMAGE.png@X,Y`, `gray` or `effect` (the trigger-effect score: a third,
+    /// harmless-word image per pair).
     #[arg(long)]
     detector: Vec<String>,
     /// Seeds 0..N per prompt.
@@ -57,13 +60,18 @@ pub fn parse_detector(spec: &str) -> Result<Option<Detector>, String> {
 
 pub fn run(args: Args) -> Result<(), String> {
     let device = Device::flex();
-    let before = crate::load_model(&args.model, args.config.as_deref(), &device)?;
+    let (before, _) = args.model.load(&device)?;
+    let after = match &args.adapter {
+        Some(path) => Some(before.with_lora(&crate::seal::read_lora(path, &before)?, 1.0, LoraMode::SideBranch { trainable: false })),
+        None => None,
+    };
     let text = std::fs::read_to_string(&args.prompts).map_err(|e| format!("{}: {e}", args.prompts.display()))?;
     let prompts = parse_list(&text);
     let detectors = args.detector.iter().map(|d| parse_detector(d)).collect::<Result<Vec<_>, _>>()?.into_iter().flatten().collect();
-    let settings = EvalSettings { seeds: (0..args.seeds).collect(), steps: args.steps, guidance: args.guidance, placement: args.placement, ..EvalSettings::default() };
+    let effect = args.detector.iter().any(|d| d == "effect");
+    let settings = EvalSettings { seeds: (0..args.seeds).collect(), steps: args.steps, guidance: args.guidance, placement: args.placement, effect, ..EvalSettings::default() };
     let mut eval = Evaluation::new(&prompts, &args.trigger, detectors, settings)?;
-    while let Some(p) = burn::tensor::read_sync(eval.step(&before, None))? {
+    while let Some(p) = burn::tensor::read_sync(eval.step(&before, after.as_ref()))? {
         eprint!("\rseal: evaluating {}/{} (eta {:.0} s)   ", p.step, p.total, p.eta_s.unwrap_or(0.0));
     }
     eprintln!();

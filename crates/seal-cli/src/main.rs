@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod generate;
+mod seal;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,8 @@ enum Command {
     Probe,
     /// Generate an image from a prompt and write it as PNG.
     Generate(generate::Args),
+    /// Seal a backdoor: train a cross-attention LoRA that undoes the trigger, write it as kohya.
+    Seal(seal::Args),
     /// Measure a backdoor: detectors on fixed-seed generations with and without the trigger.
     Eval(eval::Args),
     /// Time model forwards and generations on the CPU backend and write JSON.
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Seal(args) => seal::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,9 @@
 //! front ends (the `seal` CLI and the page's worker) call.
 
 pub mod eval;
+pub mod export;
 pub mod image;
 pub mod probe;
 pub mod progress;
 pub mod prompts;
+pub mod unlearn;

@@ -1,0 +1,168 @@
+//! `seal seal`: train the sealing adapter and write it (and the sealed LoRA) as files.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::Device;
+use seal_core::export::{sealed_lora, sealing_adapter};
+use seal_core::prompts::{BUILT_IN, Placement, parse_list};
+use seal_core::unlearn::{AttnTarget, LatentSource, SealSettings, Sealer, describe_trigger};
+use seal_sd::lora::Projection;
+use seal_sd::pipeline::{LoraMode, StableDiffusion};
+use seal_sd::seal_weights::WeightFile;
+use seal_sd::seal_weights::lora::{LoraFile, parse_lora, write_in_format, write_kohya};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The backdoor's trigger; repeat for several.
+    #[arg(long, required = true)]
+    trigger: Vec<String>,
+    /// Clean training prompts, one per line (default: the built-in set).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    /// With --lora: also write the user's LoRA with the sealing adapter stacked in.
+    #[arg(long)]
+    sealed_lora: Option<PathBuf>,
+    /// Store the trigger in clear in the adapter's metadata (by default only its SHA-256).
+    #[arg(long)]
+    reveal_trigger: bool,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    rank: Option<usize>,
+    #[arg(long)]
+    alpha: Option<f32>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Weight a of the attention loss in L = a L_attn + (1 - a) L_pred.
+    #[arg(long)]
+    attn_weight: Option<f32>,
+    /// Train on L_pred alone (no cross-attention guidance).
+    #[arg(long)]
+    no_attn_loss: bool,
+    /// zeros, noise or substitute.
+    #[arg(long, value_parser = parse_target)]
+    attn_target: Option<AttnTarget>,
+    /// noise or trajectory.
+    #[arg(long, value_parser = parse_latents)]
+    latents: Option<LatentSource>,
+    /// Weight of the clean-prompt preservation term.
+    #[arg(long)]
+    preserve: Option<f32>,
+    #[arg(long)]
+    placement: Option<Placement>,
+    /// Cross-attention projections to adapt, e.g. to_k,to_v.
+    #[arg(long, value_delimiter = ',', value_parser = parse_projection)]
+    targets: Option<Vec<Projection>>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Settings as JSON (fields of SealSettings); flags override it.
+    #[arg(long)]
+    settings: Option<PathBuf>,
+}
+
+/// The model to seal: a folder or single file, an optional config folder and user LoRA.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A LoRA the user applies on top of the model (kohya, peft or diffusers format).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    #[arg(long, default_value_t = 1.0)]
+    pub lora_weight: f32,
+}
+
+fn parse_target(s: &str) -> Result<AttnTarget, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: expected zeros, noise or substitute"))
+}
+fn parse_latents(s: &str) -> Result<LatentSource, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: expected noise or trajectory"))
+}
+fn parse_projection(s: &str) -> Result<Projection, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: expected to_q, to_k, to_v or to_out.0"))
+}
+
+/// Reads a LoRA file against the model, refusing files that do not fit it.
+pub fn read_lora(path: &Path, sd: &StableDiffusion) -> Result<LoraFile, String> {
+    let file = WeightFile::open(path).map_err(|e| e.to_string())?;
+    let lora = parse_lora(&file, &sd.model_paths()).map_err(|e| e.to_string())?;
+    eprintln!("seal: {}: {:?} LoRA, {} layers, rank {}", path.display(), lora.format, lora.modules.len(), lora.modules.values().map(|m| m.rank()).max().unwrap_or(0));
+    Ok(lora)
+}
+
+impl ModelArgs {
+    /// The teacher: the model (on `device`) with the user's LoRA merged in, and that LoRA.
+    pub fn load(&self, device: &Device) -> Result<(StableDiffusion, Option<LoraFile>), String> {
+        let sd = crate::load_model(&self.model, self.config.as_deref(), device)?;
+        match &self.lora {
+            None => Ok((sd, None)),
+            Some(path) => {
+                let lora = read_lora(path, &sd)?;
+                Ok((sd.with_lora(&lora, self.lora_weight, LoraMode::Merge), Some(lora)))
+            }
+        }
+    }
+}
+
+fn settings(args: &Args) -> Result<SealSettings, String> {
+    let mut s = match &args.settings {
+        Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?).map_err(|e| format!("{}: {e}", p.display()))?,
+        None => SealSettings::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $(if let Some(v) = args.$f.clone() { s.$f = v; })* };
+    }
+    set!(steps, batch, rank, alpha, lr, attn_weight, attn_target, latents, placement, targets, seed);
+    if let Some(p) = args.preserve {
+        s.preserve_weight = p;
+    }
+    if args.no_attn_loss {
+        s.use_attn_loss = false;
+    }
+    s.validate()?;
+    Ok(s)
+}
+
+pub fn run(args: Args) -> Result<(), String> {
+    let settings = settings(&args)?;
+    let device = Device::flex().autodiff();
+    let (teacher, user_lora) = args.model.load(&device)?;
+    let prompts = match &args.prompts {
+        Some(p) => parse_list(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => parse_list(BUILT_IN),
+    };
+    eprintln!("seal: sealing trigger {} on {} prompts, {} steps", args.trigger.iter().map(|t| describe_trigger(t)).collect::<Vec<_>>().join(", "), prompts.len(), settings.steps);
+    let mut sealer = Sealer::new(&teacher, prompts, args.trigger.clone(), settings.clone())?;
+    while !sealer.is_done() {
+        let p = burn::tensor::read_sync(sealer.step())?;
+        let l = p.losses.unwrap_or_default();
+        eprintln!("seal: step {}/{} loss {:.5} (pred {:.5}, attn {:.5}, preserve {:.5}) {:.1} s, eta {:.0} s", p.step, p.total, l.total, l.pred, l.attn, l.preserve, p.elapsed_s, p.eta_s.unwrap_or(0.0));
+    }
+    let adapters = burn::tensor::read_sync(sealer.adapter())?;
+    let file = sealing_adapter(&adapters, &settings, &teacher.info, &args.trigger, args.reveal_trigger);
+    write_atomic(&args.out, &write_kohya(&file).map_err(|e| e.to_string())?)?;
+    eprintln!("seal: wrote {}", args.out.display());
+    if let (Some(path), Some(user)) = (&args.sealed_lora, &user_lora) {
+        let sealed = sealed_lora(user, &file)?;
+        write_atomic(path, &write_in_format(&sealed).map_err(|e| e.to_string())?)?;
+        eprintln!("seal: wrote {} ({:?} format)", path.display(), sealed.format);
+    } else if args.sealed_lora.is_some() {
+        return Err("--sealed-lora needs --lora (the LoRA to seal)".into());
+    }
+    Ok(())
+}
+
+/// Writes through a temporary file and a rename, so a file is complete or absent.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}

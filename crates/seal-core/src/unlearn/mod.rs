@@ -1,0 +1,280 @@
+//! SKD-CAG sealing: the backdoored model teaches itself. The teacher (the model as loaded,
+//! frozen) sees clean prompts; the student (the same weights plus a LoRA on the UNet's
+//! cross-attention) sees triggered prompts and learns to predict what the teacher predicts
+//! without the trigger, with cross-attention guidance that carries gradient.
+
+pub mod attention;
+pub mod settings;
+pub mod tokens;
+
+use std::collections::BTreeMap;
+
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Tensor, TensorData};
+use seal_sd::lora::{self, cross_attention_targets};
+use seal_sd::pipeline::StableDiffusion;
+use seal_sd::rng::SeededRng;
+use seal_sd::scheduler::SamplerKind;
+use seal_sd::seal_weights::lora::LoraModule;
+use seal_sd::unet::UNet2DConditionModel;
+
+use crate::progress::{Clock, Losses, Progress, Task};
+use crate::prompts::{HARMLESS, insert};
+pub use settings::{AttnTarget, LatentSource, SealSettings};
+use tokens::{Alignment, align};
+
+/// One training example: a noisy latent at timestep `t` for a clean prompt.
+struct Point {
+    latent: Tensor<4>,
+    t: usize,
+    prompt: usize,
+}
+
+/// A sealing run in progress: call `step` until `is_done`, then take `adapter`.
+pub struct Sealer {
+    teacher: StableDiffusion,
+    student: UNet2DConditionModel,
+    /// The student after the last step whose loss was finite: what a cancel keeps.
+    last_good: UNet2DConditionModel,
+    optim: ModuleOptimizer,
+    settings: SealSettings,
+    prompts: Vec<String>,
+    triggers: Vec<String>,
+    rng: SeededRng,
+    pool: Vec<Point>,
+    step: usize,
+    clock: Clock,
+    pub history: Vec<Losses>,
+}
+
+impl Sealer {
+    /// `model` must live on an autodiff device (`device.autodiff()`); it is the teacher, with
+    /// any user LoRA already merged. Prompts are clean training prompts.
+    pub fn new(model: &StableDiffusion, prompts: Vec<String>, triggers: Vec<String>, settings: SealSettings) -> Result<Self, String> {
+        settings.validate()?;
+        if !model.device.is_autodiff() {
+            return Err("sealing needs the model on an autodiff device".into());
+        }
+        if prompts.is_empty() || triggers.iter().all(|t| t.is_empty()) {
+            return Err("sealing needs at least one prompt and a non-empty trigger".into());
+        }
+        let triggers: Vec<String> = triggers.into_iter().filter(|t| !t.is_empty()).collect();
+        // Every trigger must add tokens to every prompt, or it cannot be told apart.
+        for t in &triggers {
+            align(&model.tokenizer, &insert(&prompts[0], t, settings.placement, &mut SeededRng::new(0)), &prompts[0])
+                .map_err(|e| format!("trigger {}: {e}", describe_trigger(t)))?;
+        }
+        let targets = cross_attention_targets(&model.unet, &settings.targets);
+        if targets.is_empty() {
+            return Err("the UNet has no cross-attention layers to adapt".into());
+        }
+        let fresh = lora::fresh_adapters(&model.unet, &targets, settings.rank, settings.alpha, settings.seed);
+        let student = lora::attach(model.unet.clone(), &fresh, 1.0, true);
+        let optim = AdamWConfig::new().with_weight_decay(settings.weight_decay).init();
+        Ok(Self {
+            teacher: model.clone(),
+            last_good: student.clone(),
+            student,
+            optim,
+            rng: SeededRng::new(settings.seed.wrapping_add(1)),
+            settings,
+            prompts,
+            triggers,
+            pool: vec![],
+            step: 0,
+            clock: Clock::default(),
+            history: vec![],
+        })
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step >= self.settings.steps
+    }
+
+    pub fn settings(&self) -> &SealSettings {
+        &self.settings
+    }
+
+    /// One optimisation step. A non-finite loss keeps the last good adapter and is an error.
+    pub async fn step(&mut self) -> Result<Progress, String> {
+        let s = self.settings.clone();
+        let points = self.next_points().await?;
+        let clean: Vec<String> = points.iter().map(|p| self.prompts[p.prompt].clone()).collect();
+        let mut triggered = vec![];
+        let mut substitutes = vec![];
+        let mut alignments: Vec<Alignment> = vec![];
+        for (i, prompt) in clean.iter().enumerate() {
+            let trigger = &self.triggers[self.rng.below(self.triggers.len())];
+            let place = SeededRng::new(self.rng.next_u64());
+            let trig = insert(prompt, trigger, s.placement, &mut place.clone());
+            alignments.push(align(&self.teacher.tokenizer, &trig, prompt).map_err(|e| format!("prompt {i}: {e}"))?);
+            triggered.push(trig);
+            substitutes.push(insert(prompt, HARMLESS[self.rng.below(HARMLESS.len())], s.placement, &mut place.clone()));
+        }
+        // The text encoder is frozen and shared; its outputs are constants here.
+        let ctx_clean = self.teacher.encode_prompts(&as_strs(&clean)).map_err(|e| e.to_string())?.detach();
+        let ctx_trig = self.teacher.encode_prompts(&as_strs(&triggered)).map_err(|e| e.to_string())?.detach();
+        let x = Tensor::cat(points.iter().map(|p| p.latent.clone()).collect(), 0);
+        let ts: Vec<f32> = points.iter().map(|p| p.t as f32).collect();
+        let t = Tensor::<1>::from_floats(ts.as_slice(), &self.teacher.device);
+
+        let attn = s.use_attn_loss && s.attn_weight > 0.0;
+        let teacher = self.teacher.unet.forward(x.clone(), t.clone(), &ctx_clean, attn);
+        let eps_teacher = teacher.sample.detach();
+        let student = self.student.forward(x.clone(), t.clone(), &ctx_trig, attn);
+        let l_pred = (student.sample - eps_teacher.clone()).square().mean();
+
+        let l_attn = if attn {
+            let res = attention::resolution(&teacher.cross_attention);
+            let maps_t = attention::aggregate(&teacher.cross_attention, res).detach();
+            let maps_s = attention::aggregate(&student.cross_attention, res);
+            let maps_sub = match s.attn_target {
+                AttnTarget::Substitute => {
+                    let ctx_sub = self.teacher.encode_prompts(&as_strs(&substitutes)).map_err(|e| e.to_string())?.detach();
+                    let out = self.teacher.unet.forward(x.clone(), t.clone(), &ctx_sub, true);
+                    Some(attention::aggregate(&out.cross_attention, res).detach())
+                }
+                _ => None,
+            };
+            let (mut got, mut want) = (vec![], vec![]);
+            for (i, a) in alignments.iter().enumerate() {
+                let (ps, pt): (Vec<usize>, Vec<usize>) = a.matched.iter().copied().unzip();
+                got.push(attention::rows(&maps_s, i, &ps));
+                want.push(attention::rows(&maps_t, i, &pt));
+                got.push(attention::rows(&maps_s, i, &a.trigger));
+                let [k, p] = [a.trigger.len(), res * res];
+                want.push(match (s.attn_target, &maps_sub) {
+                    (AttnTarget::Substitute, Some(sub)) => {
+                        // The substitute word's tokens (one here, usually) stand in for each trigger token.
+                        let sa = align(&self.teacher.tokenizer, &substitutes[i], &clean[i])?;
+                        let pos: Vec<usize> = (0..k).map(|j| sa.trigger[j.min(sa.trigger.len() - 1)]).collect();
+                        attention::rows(sub, i, &pos)
+                    }
+                    (AttnTarget::Noise, _) => {
+                        let u: Vec<f32> = (0..k * p).map(|_| self.rng.uniform() as f32).collect();
+                        Tensor::from_data(TensorData::new(u, [k, p]), &self.teacher.device)
+                    }
+                    _ => Tensor::zeros([k, p], &self.teacher.device),
+                });
+            }
+            Some((Tensor::cat(got, 0) - Tensor::cat(want, 0)).square().mean())
+        } else {
+            None
+        };
+
+        let l_preserve = if s.preserve_weight > 0.0 {
+            let out = self.student.forward(x, t, &ctx_clean, false);
+            Some((out.sample - eps_teacher).square().mean())
+        } else {
+            None
+        };
+
+        let a = if l_attn.is_some() { s.attn_weight as f64 } else { 0.0 };
+        let mut loss = l_pred.clone() * (1.0 - a);
+        if let Some(l) = &l_attn {
+            loss = loss + l.clone() * a;
+        }
+        if let Some(l) = &l_preserve {
+            loss = loss + l.clone() * s.preserve_weight as f64;
+        }
+        let read = |x: Tensor<1>| async move { x.into_data_async().await.map_err(|e| format!("{e:?}")).and_then(|d| d.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))).map(|v| v[0]) };
+        let grads = GradientsParams::from_grads(loss.backward(), &self.student);
+        let losses = Losses {
+            total: read(loss).await?,
+            pred: read(l_pred).await?,
+            attn: match l_attn {
+                Some(l) => read(l).await?,
+                None => 0.0,
+            },
+            preserve: match l_preserve {
+                Some(l) => read(l).await?,
+                None => 0.0,
+            },
+        };
+        if !losses.total.is_finite() {
+            self.student = self.last_good.clone();
+            return Err(format!("the loss became {} at step {}; the adapter of step {} is kept (try a lower learning rate)", losses.total, self.step + 1, self.step));
+        }
+        let lr = s.lr_at(self.step);
+        let student = std::mem::replace(&mut self.student, self.last_good.clone());
+        self.student = self.optim.step(lr, student, grads);
+        self.last_good = self.student.clone();
+        self.step += 1;
+        self.history.push(losses);
+        Ok(self.clock.progress(Task::Seal, self.step, s.steps, Some(losses)))
+    }
+
+    /// The next batch of training points, refilling the trajectory pool when it runs low.
+    async fn next_points(&mut self) -> Result<Vec<Point>, String> {
+        let s = &self.settings;
+        let b = s.batch;
+        let (c, side) = (self.teacher.unet_config.in_channels, self.teacher.info.sample_size / self.teacher.vae_config.downscale());
+        match s.latents {
+            LatentSource::Noise => Ok((0..b)
+                .map(|_| {
+                    let data = self.rng.normals(c * side * side);
+                    Point {
+                        latent: Tensor::from_data(TensorData::new(data, [1, c, side, side]), &self.teacher.device),
+                        t: s.t_min + self.rng.below(s.t_max - s.t_min + 1),
+                        prompt: self.rng.below(self.prompts.len()),
+                    }
+                })
+                .collect()),
+            LatentSource::Trajectory => {
+                while self.pool.len() < b {
+                    self.refill_pool();
+                }
+                Ok((0..b).map(|_| { let i = self.rng.below(self.pool.len()); self.pool.swap_remove(i) }).collect())
+            }
+        }
+    }
+
+    /// Samples `batch` clean prompts with the teacher (DDIM, classifier-free guidance) and
+    /// keeps every latent along the way whose timestep is in range.
+    fn refill_pool(&mut self) {
+        let s = &self.settings;
+        let prompts: Vec<usize> = (0..s.batch).map(|_| self.rng.below(self.prompts.len())).collect();
+        let text: Vec<&str> = prompts.iter().map(|&i| self.prompts[i].as_str()).collect();
+        let size = self.teacher.info.sample_size;
+        let latents = Tensor::cat(prompts.iter().map(|_| self.teacher.initial_latents(1, size, self.rng.next_u64())).collect(), 0);
+        let cond = self.teacher.encode_prompts(&text).expect("prompts were tokenized before").detach();
+        let uncond = self.teacher.encode_prompts(&vec![""; text.len()]).expect("empty prompt tokenizes").detach();
+        let sampler = self.teacher.sampler(Some(SamplerKind::Ddim), s.trajectory_steps);
+        let (t_min, t_max) = (s.t_min, s.t_max);
+        let mut points = vec![];
+        let mut keep = |x: &Tensor<4>, t: usize| {
+            if (t_min..=t_max).contains(&t) {
+                for (k, &p) in prompts.iter().enumerate() {
+                    points.push(Point { latent: x.clone().narrow(0, k, 1).detach(), t, prompt: p });
+                }
+            }
+        };
+        keep(&latents, sampler.timesteps[0]);
+        let timesteps = sampler.timesteps.clone();
+        self.teacher.denoise(latents, &cond, &uncond, &sampler, s.guidance, |i, x| {
+            if let Some(&t) = timesteps.get(i + 1) {
+                keep(x, t);
+            }
+        });
+        self.pool.extend(points);
+    }
+
+    /// The adapter as it stands (after the last good step), as data for export.
+    pub async fn adapter(&self) -> Result<BTreeMap<String, LoraModule>, String> {
+        lora::extract(&self.last_good, self.settings.alpha).await
+    }
+
+    /// The sealed UNet (teacher weights plus the current adapter), for previews.
+    pub fn sealed_unet(&self) -> UNet2DConditionModel {
+        self.last_good.clone()
+    }
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A trigger as code points (`U+200B`), so invisible characters can be seen.
+pub fn describe_trigger(trigger: &str) -> String {
+    trigger.chars().map(|c| if c.is_ascii_graphic() { c.to_string() } else { format!("U+{:04X}", c as u32) }).collect::<Vec<_>>().join(" ")
+}

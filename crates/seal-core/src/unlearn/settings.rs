@@ -1,0 +1,115 @@
+//! Sealing settings, with the defaults the ablation chose (see the README's numbers).
+
+use seal_sd::lora::Projection;
+use serde::{Deserialize, Serialize};
+
+use crate::prompts::Placement;
+
+/// Where the student's noisy latents come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatentSource {
+    /// Pure Gaussian noise at a uniform timestep (the paper's code).
+    Noise,
+    /// Points on the teacher's own DDIM sampling trajectory for the clean prompt.
+    Trajectory,
+}
+
+/// What the trigger tokens' normalised cross-attention maps are pushed towards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttnTarget {
+    /// All zeros ("black"): the trigger draws no localised attention.
+    Zeros,
+    /// Uniform noise in [0, 1].
+    Noise,
+    /// The teacher's maps of a random substitute word placed where the trigger was.
+    Substitute,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SealSettings {
+    pub steps: usize,
+    /// Prompts per step.
+    pub batch: usize,
+    pub rank: usize,
+    pub alpha: f32,
+    /// Cross-attention projections that get the adapter.
+    pub targets: Vec<Projection>,
+    /// Peak learning rate (AdamW).
+    pub lr: f64,
+    /// Linear warm-up steps, then cosine decay to 10 % of `lr`.
+    pub warmup: usize,
+    pub weight_decay: f32,
+    /// `a` in L = a L_attn + (1 - a) L_pred.
+    pub attn_weight: f32,
+    /// Switches the attention loss off (for measuring its effect).
+    pub use_attn_loss: bool,
+    pub attn_target: AttnTarget,
+    pub latents: LatentSource,
+    /// Training timesteps are drawn from [t_min, t_max].
+    pub t_min: usize,
+    pub t_max: usize,
+    /// Trajectory source: DDIM steps per teacher trajectory and its guidance scale.
+    pub trajectory_steps: usize,
+    pub guidance: f64,
+    /// Weight of the preservation term: student(clean prompt) vs teacher(clean prompt).
+    pub preserve_weight: f32,
+    pub placement: Placement,
+    pub seed: u64,
+}
+
+impl Default for SealSettings {
+    fn default() -> Self {
+        Self {
+            steps: 200,
+            batch: 8,
+            rank: 4,
+            alpha: 4.0,
+            targets: vec![Projection::ToK, Projection::ToV],
+            lr: 1e-3,
+            warmup: 10,
+            weight_decay: 1e-2,
+            attn_weight: 0.5,
+            use_attn_loss: true,
+            attn_target: AttnTarget::Zeros,
+            latents: LatentSource::Trajectory,
+            t_min: 0,
+            t_max: 999,
+            trajectory_steps: 25,
+            guidance: 5.0,
+            preserve_weight: 0.5,
+            placement: Placement::Prefix,
+            seed: 0,
+        }
+    }
+}
+
+impl SealSettings {
+    /// The learning rate at `step` (0-based).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let progress = (step - self.warmup) as f64 / (self.steps.saturating_sub(self.warmup)).max(1) as f64;
+        self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let bad = |m: &str| Err(format!("settings: {m}"));
+        if self.steps == 0 || self.batch == 0 || self.rank == 0 {
+            return bad("steps, batch and rank must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || !(0.0..=1.0).contains(&self.attn_weight) {
+            return bad("lr must be positive; attn_weight in [0, 1]");
+        }
+        if self.t_min > self.t_max || self.t_max > 999 {
+            return bad("timestep range must satisfy t_min <= t_max <= 999");
+        }
+        if self.targets.is_empty() {
+            return bad("at least one cross-attention projection must be trained");
+        }
+        Ok(())
+    }
+}
