@@ -3,6 +3,7 @@
 #   ./build.sh serve   build the page and serve it on http://127.0.0.1:${PORT:-8080}/
 #   ./build.sh wasm    build the page's wasm module into dist/
 #   ./build.sh test    install what is missing, then run every test (native and in headless Chromium)
+#   ./build.sh bench   time models, generation and sealing on the CPU backend -> bench-results/bench.json
 # Builds and tools are cached outside the clone, in ${SEAL_CACHE:-~/.cache/seal}.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -105,12 +106,20 @@ cmd_test() {
   log "all tests passed in $((SECONDS - start)) s"
 }
 
+# Speed numbers come from the release profile (the tests' dev profile keeps our own crates at
+# opt-level 1); needs ../shared/fixtures beside the clone.
+cmd_bench() {
+  phase "release cli" cargo build --quiet --release -p seal-cli
+  "$CARGO_TARGET_DIR/release/seal" bench --fixtures ../shared/fixtures --out bench-results/bench.json
+}
+
 case "${1:-}" in
   serve) cmd_serve ;;
+  bench) cmd_bench ;;
   wasm) cmd_wasm ;;
   test) cmd_test ;;
   *)
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

@@ -1,8 +1,8 @@
 //! `seal bench`: wall time of UNet forwards and whole generations on the CPU backend, and the
 //! process's peak memory, written as JSON. Sizes: the tiny fixture, and a BK-SDM-tiny-shaped
-//! model with random weights at 256x256 (the realistic browser target).
+//! model with random weights at 256x256 (the realistic browser target); and sealing steps.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::prelude::Device;
@@ -12,6 +12,8 @@ use seal_sd::pipeline::{GenerateRequest, StableDiffusion};
 use seal_sd::tokenizer::ClipTokenizer;
 use seal_sd::unet::UNetConfig;
 use seal_sd::vae::VaeConfig;
+use seal_core::prompts::parse_list;
+use seal_core::unlearn::{SealSettings, Sealer};
 use serde_json::{Value, json};
 
 #[derive(clap::Args)]
@@ -81,9 +83,37 @@ fn measure(name: &str, sd: &StableDiffusion, size: usize, load_s: f64, repeats: 
     })
 }
 
+/// Seconds per sealing step (default settings) on the pixel-backdoored fixture, measured over
+/// `steps` steps after one warm-up step, and the projected time of a whole default seal.
+fn sealing(fixtures: &Path, steps: usize) -> Result<Value, String> {
+    let device = Device::flex().autodiff();
+    let model = crate::load_model(&fixtures.join("tiny-pixel"), None, &device)?;
+    let prompts = parse_list(&std::fs::read_to_string(fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);
+    let settings = SealSettings::default();
+    let mut sealer = Sealer::new(&model, prompts, vec!["\u{200b}".into()], settings.clone())?;
+    eprintln!("bench: sealing steps on tiny-pixel");
+    let start = Instant::now();
+    burn::tensor::read_sync(sealer.step())?;
+    let first = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for _ in 0..steps {
+        burn::tensor::read_sync(sealer.step())?;
+    }
+    let per_step = start.elapsed().as_secs_f64() / steps as f64;
+    Ok(json!({
+        "model": "tiny-pixel fixture",
+        "settings": settings,
+        "first_step_s": first,
+        "step_s": per_step,
+        "projected_seal_s": first + per_step * (settings.steps - 1) as f64,
+        "peak_rss_mib_after": peak_rss_mib(),
+    }))
+}
+
 pub fn run(args: Args) -> Result<(), String> {
     let device = Device::flex();
     let mut results = vec![];
+    let seal = sealing(&args.fixtures, 20)?;
 
     let start = Instant::now();
     let tiny = crate::load_model(&args.fixtures.join("tiny-clean"), None, &device)?;
@@ -102,6 +132,7 @@ pub fn run(args: Args) -> Result<(), String> {
         "backend": "flex (CPU)",
         "threads": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "results": results,
+        "sealing": seal,
         "peak_rss_mib": peak_rss_mib(),
     });
     if let Some(dir) = args.out.parent() {

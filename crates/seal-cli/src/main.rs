@@ -1,5 +1,6 @@
 //! The native `seal` command: a thin front end over seal-core and seal-sd.
 
+mod ablate;
 mod bench;
 mod eval;
 mod generate;
@@ -27,6 +28,8 @@ enum Command {
     Seal(seal::Args),
     /// Measure a backdoor: detectors on fixed-seed generations with and without the trigger.
     Eval(eval::Args),
+    /// Run the sealing recipe's ablation on the pixel-backdoored fixture and write JSON.
+    Ablate(ablate::Args),
     /// Time model forwards and generations on the CPU backend and write JSON.
     Bench(bench::Args),
 }
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         Command::Probe => probe(),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Ablate(args) => ablate::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Seal(args) => seal::run(args),
     };

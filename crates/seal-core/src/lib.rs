@@ -3,6 +3,7 @@
 
 pub mod eval;
 pub mod export;
+pub mod heatmap;
 pub mod image;
 pub mod probe;
 pub mod progress;

@@ -1,7 +1,11 @@
 //! The wasm-bindgen surface the page's worker calls. Thin: computation lives in seal-core.
 
+mod session;
+
 use burn::prelude::Device;
 use wasm_bindgen::prelude::*;
+
+pub use session::Session;
 
 #[wasm_bindgen(start)]
 fn start() {

@@ -39,8 +39,9 @@ pub struct SealSettings {
     pub targets: Vec<Projection>,
     /// Peak learning rate (AdamW).
     pub lr: f64,
-    /// Linear warm-up steps, then cosine decay to 10 % of `lr`.
+    /// Linear warm-up steps, then cosine decay to `min_lr_ratio * lr` (1: constant).
     pub warmup: usize,
+    pub min_lr_ratio: f64,
     pub weight_decay: f32,
     /// `a` in L = a L_attn + (1 - a) L_pred.
     pub attn_weight: f32,
@@ -70,6 +71,7 @@ impl Default for SealSettings {
             targets: vec![Projection::ToK, Projection::ToV],
             lr: 1e-3,
             warmup: 10,
+            min_lr_ratio: 0.1,
             weight_decay: 1e-2,
             attn_weight: 0.5,
             use_attn_loss: true,
@@ -93,7 +95,8 @@ impl SealSettings {
             return self.lr * (step + 1) as f64 / self.warmup as f64;
         }
         let progress = (step - self.warmup) as f64 / (self.steps.saturating_sub(self.warmup)).max(1) as f64;
-        self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()))
+        let floor = self.min_lr_ratio;
+        self.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()))
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -111,5 +114,24 @@ impl SealSettings {
             return bad("at least one cross-attention projection must be trained");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_the_floor() {
+        let s = SealSettings { steps: 110, warmup: 10, lr: 1e-3, min_lr_ratio: 0.1, ..SealSettings::default() };
+        assert!((s.lr_at(0) - 1e-4).abs() < 1e-12);
+        assert!((s.lr_at(9) - 1e-3).abs() < 1e-12);
+        assert!((s.lr_at(10) - 1e-3).abs() < 1e-12);
+        assert!((s.lr_at(60) - 0.55e-3).abs() < 1e-9);
+        assert!((s.lr_at(110) - 1e-4).abs() < 1e-12);
+        let constant = SealSettings { min_lr_ratio: 1.0, warmup: 0, ..s };
+        assert!((0..110).all(|i| (constant.lr_at(i) - 1e-3).abs() < 1e-12));
+        assert!(SealSettings { t_min: 500, t_max: 100, ..SealSettings::default() }.validate().is_err());
+        assert!(SealSettings::default().validate().is_ok());
     }
 }

@@ -1,0 +1,120 @@
+//! `seal ablate`: the sealing recipe's ablation on the pixel-backdoored fixture. Each variant
+//! is trained once; at every checkpoint the current adapter is judged on the held-out prompts
+//! (patch detector, fixed seeds), giving the steps to <= 1 % attack success and clean PSNR.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::prelude::Device;
+use burn::tensor::read_sync;
+use seal_core::eval::{Detector, EvalSettings, Evaluation};
+use seal_core::image::Rgb;
+use seal_core::prompts::parse_list;
+use seal_core::unlearn::{AttnTarget, LatentSource, SealSettings, Sealer};
+use serde_json::{Value, json};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, default_value = "../shared/fixtures")]
+    fixtures: PathBuf,
+    #[arg(long, default_value = "bench-results/ablation.json")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// Evaluate every this many steps.
+    #[arg(long, default_value_t = 50)]
+    every: usize,
+    /// Seeds per held-out prompt at each checkpoint.
+    #[arg(long, default_value_t = 2)]
+    seeds: u64,
+    /// Only the variants whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+/// The variants: the defaults, then one change each.
+fn variants(steps: usize) -> Vec<(&'static str, SealSettings)> {
+    let base = SealSettings { steps, ..SealSettings::default() };
+    let with = |f: &dyn Fn(&mut SealSettings)| {
+        let mut s = base.clone();
+        f(&mut s);
+        s
+    };
+    vec![
+        ("default", base.clone()),
+        ("no L_attn", with(&|s| s.use_attn_loss = false)),
+        ("target noise", with(&|s| s.attn_target = AttnTarget::Noise)),
+        ("target substitute", with(&|s| s.attn_target = AttnTarget::Substitute)),
+        ("latents noise", with(&|s| s.latents = LatentSource::Noise)),
+        ("no preservation", with(&|s| s.preserve_weight = 0.0)),
+        ("paper recipe (noise latents, no preservation, constant lr)", with(&|s| {
+            s.latents = LatentSource::Noise;
+            s.preserve_weight = 0.0;
+            s.min_lr_ratio = 1.0;
+            s.warmup = 0;
+        })),
+    ]
+}
+
+pub fn run(args: Args) -> Result<(), String> {
+    let device = Device::flex().autodiff();
+    let model = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device)?;
+    let read = |name: &str| std::fs::read_to_string(args.fixtures.join(name)).map_err(|e| format!("{name}: {e}"));
+    let train = parse_list(&read("prompts/train.txt")?);
+    let heldout = parse_list(&read("prompts/heldout.txt")?);
+    let patch = Rgb::from_png("patch.png", &std::fs::read(args.fixtures.join("patch.png")).map_err(|e| e.to_string())?)?;
+    let trigger = vec!["\u{200b}".to_string()];
+    let eval_settings = EvalSettings { seeds: (0..args.seeds).collect(), effect: false, batch: 20, ..EvalSettings::default() };
+    let mut rows = vec![];
+    for (name, settings) in variants(args.steps) {
+        if args.only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
+        let mut sealer = Sealer::new(&model, train.clone(), trigger.clone(), settings.clone())?;
+        let (mut checkpoints, mut train_s, mut to_one_percent) = (vec![], 0.0, None);
+        while !sealer.is_done() {
+            let start = Instant::now();
+            read_sync(sealer.step())?;
+            train_s += start.elapsed().as_secs_f64();
+            let step = sealer.history.len();
+            if step % args.every == 0 || sealer.is_done() {
+                let mut sealed = model.clone();
+                sealed.unet = sealer.sealed_unet();
+                let mut eval = Evaluation::new(&heldout, &trigger, vec![Detector::patch(patch.clone(), 0, 0)], eval_settings.clone())?;
+                while read_sync(eval.step(&model, Some(&sealed)))?.is_some() {}
+                let r = eval.report(heldout.len());
+                let after = r.after.expect("evaluated with a sealed model");
+                let asr = after.attack_success["patch@0,0"];
+                eprintln!("ablate: {name}: step {step}: attack success {:.1} %, clean PSNR {:.1} dB", asr * 100.0, r.clean_psnr_db_mean.unwrap_or(0.0));
+                if asr <= 0.01 && to_one_percent.is_none() {
+                    to_one_percent = Some(step);
+                }
+                checkpoints.push(json!({
+                    "step": step,
+                    "attack_success": asr,
+                    "attack_success_before": r.before.attack_success["patch@0,0"],
+                    "false_trigger": after.false_trigger["patch@0,0"],
+                    "clean_psnr_db_mean": r.clean_psnr_db_mean,
+                    "clean_psnr_db_min": r.clean_psnr_db_min,
+                }));
+            }
+        }
+        rows.push(json!({
+            "variant": name,
+            "settings": settings,
+            "steps_to_1_percent": to_one_percent,
+            "train_s_per_step": train_s / settings.steps as f64,
+            "checkpoints": checkpoints,
+        }));
+        write(&args.out, &rows)?;
+    }
+    Ok(())
+}
+
+fn write(path: &std::path::Path, rows: &[Value]) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&json!({ "model": "tiny-pixel fixture", "heldout": "prompts/heldout.txt", "variants": rows })).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}

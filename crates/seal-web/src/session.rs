@@ -1,0 +1,381 @@
+//! The page's working state: one model, an optional user LoRA, a sealing run, its evaluation
+//! and what the user downloads. Every method is one request from the worker; long operations
+//! are stepped (`seal_step`, `eval_step`) so the page can show progress and cancel between
+//! steps. Errors are strings that name the file or setting at fault.
+
+use burn::prelude::Device;
+use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
+use seal_core::export::{sealed_lora, sealing_adapter, trigger_hash};
+use seal_core::heatmap::{TriggerMap, trigger_map};
+use seal_core::image::Rgb;
+use seal_core::progress::Losses;
+use seal_core::prompts::{BUILT_IN, Placement, parse_list, split};
+use seal_core::unlearn::{SealSettings, Sealer, describe_trigger};
+use seal_sd::pipeline::{Files, LoraMode, ModelSource, StableDiffusion};
+use seal_sd::seal_weights::WeightFile;
+use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, parse_lora, write_in_format, write_kohya};
+use serde::Deserialize;
+use serde_json::json;
+use wasm_bindgen::prelude::*;
+
+use crate::Engine;
+
+/// Folders whose `.safetensors` belong to a diffusers folder; any other one is a single-file checkpoint.
+const COMPONENT_DIRS: [&str; 3] = ["unet", "text_encoder", "vae"];
+
+/// A LoRA the user gave, as parsed against the model.
+struct UserLora {
+    name: String,
+    file: LoraFile,
+}
+
+/// What a finished (or cancelled) sealing run left.
+struct Sealed {
+    adapter: LoraFile,
+    /// The teacher with the exported adapter attached: what a user of the file gets.
+    model: StableDiffusion,
+    settings: SealSettings,
+    steps: usize,
+    /// Wall time of the steps, from the last progress event.
+    seconds: f64,
+    losses: Vec<Losses>,
+}
+
+/// What the evaluation was asked for, beyond `EvalSettings`.
+#[derive(Deserialize)]
+struct EvalRequest {
+    prompts: Vec<String>,
+    seeds: u64,
+    steps: usize,
+    /// The trigger-effect score (a harmless-word image per pair).
+    effect: bool,
+    gray: bool,
+    /// Top-left corner of the target patch (needs `set_target`).
+    patch_at: Option<[usize; 2]>,
+}
+
+#[wasm_bindgen]
+pub struct Session {
+    device: Device,
+    /// Files given for the next `load_model`, by relative path.
+    staged: Files,
+    model: Option<StableDiffusion>,
+    lora: Option<UserLora>,
+    /// The model the sealer learns from: `model` with the user's LoRA merged.
+    teacher: Option<StableDiffusion>,
+    triggers: Vec<String>,
+    sealer: Option<Sealer>,
+    seal_seconds: f64,
+    sealed: Option<Sealed>,
+    target: Option<Rgb>,
+    eval: Option<(Evaluation, usize)>,
+    report: Option<EvalReport>,
+    maps: Option<(TriggerMap, TriggerMap)>,
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<String, String> {
+    serde_json::to_string(value).map_err(|e| e.to_string())
+}
+
+#[wasm_bindgen]
+impl Session {
+    /// A session on the engine's device, with gradients: the one copy of the model serves
+    /// generation (no tape is recorded for frozen weights) and sealing.
+    #[wasm_bindgen(constructor)]
+    pub fn new(engine: &Engine) -> Session {
+        Session {
+            device: engine.device.clone().autodiff(),
+            staged: Files::new(),
+            model: None,
+            lora: None,
+            teacher: None,
+            triggers: vec![],
+            sealer: None,
+            seal_seconds: 0.0,
+            sealed: None,
+            target: None,
+            eval: None,
+            report: None,
+            maps: None,
+        }
+    }
+
+    /// `SealSettings::default()` as JSON: the page's form starts from the engine's defaults.
+    pub fn default_settings() -> String {
+        serde_json::to_string(&SealSettings::default()).expect("settings serialize")
+    }
+
+    /// The built-in prompt set split into `{train, heldout}` (every 4th prompt held out).
+    pub fn builtin_prompts() -> String {
+        let (train, heldout) = split(&parse_list(BUILT_IN), 4);
+        json!({ "train": train, "heldout": heldout }).to_string()
+    }
+
+    /// A prompt list (one per line, `#` comments) as a JSON array.
+    pub fn parse_prompts(text: &str) -> String {
+        json!(parse_list(text)).to_string()
+    }
+
+    /// Adds one file of the model to load; `path` is relative to what the user picked
+    /// (`my-model/unet/config.json`, or just `model.safetensors`).
+    pub fn stage_file(&mut self, path: String, bytes: Vec<u8>) {
+        self.staged.insert(path, bytes);
+    }
+
+    /// Loads the staged files (then forgets them) as the model: a diffusers folder, or one
+    /// `.safetensors` checkpoint, with a diffusers folder beside it for configs and tokenizer.
+    /// Resolves to the `ModelInfo` JSON. Everything derived from a previous model is dropped.
+    pub fn load_model(&mut self) -> Result<String, String> {
+        let mut files = std::mem::take(&mut self.staged);
+        self.model = None;
+        self.forget_lora();
+        let singles: Vec<String> = files
+            .keys()
+            .filter(|p| p.ends_with(".safetensors") && !p.split('/').rev().nth(1).is_some_and(|dir| COMPONENT_DIRS.contains(&dir)))
+            .cloned()
+            .collect();
+        let source = match singles.as_slice() {
+            [] if files.is_empty() => return Err("no model files were given".into()),
+            [] => ModelSource::Folder(files),
+            [name] => {
+                let bytes = files.remove(name).expect("listed");
+                // The folder's own weights are not needed for its configs.
+                files.retain(|p, _| !p.ends_with(".safetensors"));
+                let config = (!files.is_empty()).then_some(files);
+                ModelSource::SingleFile { name: name.rsplit('/').next().unwrap_or(name).to_string(), bytes, config }
+            }
+            many => return Err(format!("{} checkpoints were given ({}); give one, or a diffusers folder", many.len(), many.join(", "))),
+        };
+        let model = StableDiffusion::load(source, &self.device).map_err(|e| e.to_string())?;
+        let info = json(&model.info)?;
+        self.teacher = Some(model.clone());
+        self.model = Some(model);
+        Ok(info)
+    }
+
+    /// Reads a LoRA over the loaded model and merges it into the teacher. Resolves to
+    /// `{file, format, modules, unet_modules, text_encoder_modules, ranks, alphas, dtype, network_module}`.
+    /// A file with keys no module of the model has is refused whole, the keys listed.
+    pub fn load_lora(&mut self, name: String, bytes: Vec<u8>) -> Result<String, String> {
+        let model = self.model.as_ref().ok_or("load a model before a LoRA")?;
+        let file = WeightFile::from_bytes(name.clone(), bytes).map_err(|e| e.to_string())?;
+        let lora = parse_lora(&file, &model.model_paths()).map_err(|e| e.to_string())?;
+        let count = |c: LoraComponent| lora.modules.keys().filter(|t| t.component == c).count();
+        let distinct = |v: Vec<String>| v.into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>();
+        let summary = json!({
+            "file": name,
+            "format": format!("{:?}", lora.format),
+            "modules": lora.modules.len(),
+            "unet_modules": count(LoraComponent::Unet),
+            "text_encoder_modules": count(LoraComponent::TextEncoder),
+            "ranks": distinct(lora.modules.values().map(|m| m.rank().to_string()).collect()),
+            "alphas": distinct(lora.modules.values().map(|m| m.alpha.map_or("none".into(), |a| a.to_string())).collect()),
+            "dtype": lora.dtype.to_string(),
+            "network_module": lora.metadata.get("ss_network_module"),
+        });
+        let teacher = model.with_lora(&lora, 1.0, LoraMode::Merge);
+        self.forget_lora();
+        self.teacher = Some(teacher);
+        self.lora = Some(UserLora { name, file: lora });
+        Ok(summary.to_string())
+    }
+
+    /// Drops the user's LoRA (and what was sealed over it); the teacher is the bare model.
+    pub fn clear_lora(&mut self) {
+        self.forget_lora();
+        self.teacher = self.model.clone();
+    }
+
+    /// `{code_points, tokens}` of a trigger: `U+200B`-style code points, and the loaded
+    /// model's tokens for it (empty before a model is loaded).
+    pub fn describe_trigger(&self, trigger: &str) -> String {
+        let tokens: Vec<String> = match &self.model {
+            Some(m) => m.tokenizer.encode_plain(trigger).map(|ids| ids.iter().map(|&id| m.tokenizer.decode_token(id).unwrap_or_default()).collect()).unwrap_or_default(),
+            None => vec![],
+        };
+        json!({ "code_points": describe_trigger(trigger), "tokens": tokens }).to_string()
+    }
+
+    /// Starts sealing `triggers` (JSON array of strings) with clean training `prompts` (JSON
+    /// array) and settings (JSON; missing fields take their defaults). Resolves to the settings used.
+    pub fn start_seal(&mut self, triggers: &str, prompts: &str, settings: &str) -> Result<String, String> {
+        let teacher = self.teacher.as_ref().ok_or("load a model first")?;
+        let triggers: Vec<String> = serde_json::from_str(triggers).map_err(|e| format!("triggers: {e}"))?;
+        let prompts: Vec<String> = serde_json::from_str(prompts).map_err(|e| format!("prompts: {e}"))?;
+        let settings: SealSettings = serde_json::from_str(settings).map_err(|e| format!("settings: {e}"))?;
+        let sealer = Sealer::new(teacher, prompts, triggers.clone(), settings.clone())?;
+        self.forget_results();
+        self.triggers = triggers.into_iter().filter(|t| !t.is_empty()).collect();
+        self.sealer = Some(sealer);
+        self.seal_seconds = 0.0;
+        json(&settings)
+    }
+
+    /// One sealing step; resolves to the `Progress` JSON. A failed step keeps the last good adapter.
+    pub async fn seal_step(&mut self) -> Result<String, String> {
+        let sealer = self.sealer.as_mut().ok_or("no sealing run (press Seal)")?;
+        let progress = sealer.step().await?;
+        self.seal_seconds = progress.elapsed_s;
+        json(&progress)
+    }
+
+    /// Ends the run (finished or cancelled): exports the adapter of the last good step and
+    /// attaches it to the teacher for the comparison. Resolves to `{steps, total, modules}`.
+    pub async fn finish_seal(&mut self) -> Result<String, String> {
+        let sealer = self.sealer.take().ok_or("no sealing run to finish")?;
+        let teacher = self.teacher.as_ref().ok_or("load a model first")?;
+        let steps = sealer.history.len();
+        if steps == 0 {
+            return Err("no step finished, so there is no adapter yet".into());
+        }
+        let modules = sealer.adapter().await?;
+        let adapter = sealing_adapter(&modules, sealer.settings(), &teacher.info, &self.triggers, false);
+        let model = teacher.with_lora(&adapter, 1.0, LoraMode::SideBranch { trainable: false });
+        let progress = json!({ "steps": steps, "total": sealer.settings().steps, "modules": adapter.modules.len() });
+        self.sealed = Some(Sealed { settings: sealer.settings().clone(), steps, seconds: self.seal_seconds, losses: sealer.history.clone(), adapter, model });
+        Ok(progress.to_string())
+    }
+
+    /// The evaluation's target image (the backdoor's patch), from a PNG. Resolves to `{width, height}`.
+    pub fn set_target(&mut self, name: &str, png: &[u8]) -> Result<String, String> {
+        let image = Rgb::from_png(name, png)?;
+        let size = json!({ "width": image.width, "height": image.height });
+        self.target = Some(image);
+        Ok(size.to_string())
+    }
+
+    pub fn clear_target(&mut self) {
+        self.target = None;
+    }
+
+    /// Starts the before/after evaluation (JSON `{prompts, seeds, steps, effect, gray, patch_at}`).
+    /// Resolves to the number of steps.
+    pub fn start_eval(&mut self, request: &str) -> Result<usize, String> {
+        self.sealed.as_ref().ok_or("seal first: the evaluation compares before and after")?;
+        let r: EvalRequest = serde_json::from_str(request).map_err(|e| format!("evaluation: {e}"))?;
+        let mut detectors = vec![];
+        if let Some([x, y]) = r.patch_at {
+            let patch = self.target.clone().ok_or("the patch detector needs a target image")?;
+            detectors.push(Detector::patch(patch, x, y));
+        }
+        if r.gray {
+            detectors.push(Detector::gray());
+        }
+        let settings = EvalSettings { seeds: (0..r.seeds.max(1)).collect(), steps: r.steps, effect: r.effect, placement: self.placement(), ..EvalSettings::default() };
+        let eval = Evaluation::new(&r.prompts, &self.triggers, detectors, settings)?;
+        let total = eval.total_steps();
+        self.report = None;
+        self.eval = Some((eval, r.prompts.len()));
+        Ok(total)
+    }
+
+    /// Generates and judges the next batch; resolves to the `Progress` JSON, or `undefined`
+    /// once the evaluation is complete (then `report_json` and `grid_png` have it).
+    pub async fn eval_step(&mut self) -> Result<Option<String>, String> {
+        let (eval, prompts) = self.eval.as_mut().ok_or("no evaluation running")?;
+        let sealed = self.sealed.as_ref().ok_or("seal first")?;
+        let teacher = self.teacher.as_ref().ok_or("load a model first")?;
+        match eval.step(teacher, Some(&sealed.model)).await? {
+            Some(progress) => json(&progress).map(Some),
+            None => {
+                self.report = Some(eval.report(*prompts));
+                Ok(None)
+            }
+        }
+    }
+
+    /// The evaluation's fixed-seed images: rows of (before clean, before triggered, after
+    /// clean, after triggered) as one PNG at the model's resolution (the page upscales it).
+    pub fn grid_png(&self) -> Result<Vec<u8>, String> {
+        let (eval, _) = self.eval.as_ref().ok_or("no evaluation yet")?;
+        Ok(eval.grid(1).to_png())
+    }
+
+    /// The trigger tokens' attention maps before and after sealing for `prompt` and seed 0,
+    /// sampled with `steps` DDIM steps. Resolves to `{prompt, tokens, side, before: {max, mean}, after: {...}}`;
+    /// `heatmap_png` draws them on a common scale.
+    pub async fn heatmaps(&mut self, prompt: &str, steps: usize) -> Result<String, String> {
+        let teacher = self.teacher.as_ref().ok_or("load a model first")?;
+        let sealed = self.sealed.as_ref().ok_or("seal first")?;
+        let trigger = self.triggers.first().ok_or("no trigger")?;
+        let placement = self.placement();
+        let before = trigger_map(teacher, prompt, trigger, placement, 0, steps, 5.0).await?;
+        let after = trigger_map(&sealed.model, prompt, trigger, placement, 0, steps, 5.0).await?;
+        let stats = |m: &TriggerMap| json!({ "max": m.max(), "mean": m.mean() });
+        let out = json!({ "prompt": before.prompt, "tokens": before.tokens, "side": before.side, "before": stats(&before), "after": stats(&after) });
+        self.maps = Some((before, after));
+        Ok(out.to_string())
+    }
+
+    /// `"before"` or `"after"` heat map as a PNG, both on the larger of the two maxima.
+    pub fn heatmap_png(&self, which: &str) -> Result<Vec<u8>, String> {
+        let (before, after) = self.maps.as_ref().ok_or("no heat maps yet")?;
+        let vmax = before.max().max(after.max());
+        match which {
+            "before" => Ok(before.to_rgb(vmax).to_png()),
+            "after" => Ok(after.to_rgb(vmax).to_png()),
+            _ => Err(format!("no heat map {which:?}")),
+        }
+    }
+
+    /// The sealing adapter as a kohya `.safetensors` file.
+    pub fn adapter_file(&self) -> Result<Vec<u8>, String> {
+        let sealed = self.sealed.as_ref().ok_or("seal first")?;
+        write_kohya(&sealed.adapter).map_err(|e| e.to_string())
+    }
+
+    /// The user's LoRA with the sealing adapter stacked in, in the user's file's format.
+    pub fn sealed_lora_file(&self) -> Result<Vec<u8>, String> {
+        let sealed = self.sealed.as_ref().ok_or("seal first")?;
+        let user = self.lora.as_ref().ok_or("no LoRA was loaded, so there is no sealed LoRA")?;
+        write_in_format(&sealed_lora(&user.file, &sealed.adapter)?).map_err(|e| e.to_string())
+    }
+
+    /// The report: model, LoRA, trigger hashes, settings, the run's losses and timing, and the
+    /// evaluation and heat-map numbers where they exist.
+    pub fn report_json(&self) -> Result<String, String> {
+        let sealed = self.sealed.as_ref().ok_or("seal first")?;
+        let model = self.model.as_ref().ok_or("load a model first")?;
+        let maps = self.maps.as_ref().map(|(b, a)| json!({
+            "prompt": b.prompt, "tokens": b.tokens,
+            "before": { "max": b.max(), "mean": b.mean() }, "after": { "max": a.max(), "mean": a.mean() },
+        }));
+        let report = json!({
+            "seal_version": env!("CARGO_PKG_VERSION"),
+            "model": model.info,
+            "lora": self.lora.as_ref().map(|l| json!({ "file": l.name, "format": format!("{:?}", l.file.format), "modules": l.file.modules.len() })),
+            "trigger_sha256": self.triggers.iter().map(|t| trigger_hash(t)).collect::<Vec<_>>(),
+            "settings": sealed.settings,
+            "sealing": {
+                "steps_done": sealed.steps,
+                "steps_planned": sealed.settings.steps,
+                "seconds": sealed.seconds,
+                "losses": sealed.losses,
+                "adapter_modules": sealed.adapter.modules.keys().map(|t| t.path.clone()).collect::<Vec<_>>(),
+            },
+            "evaluation": self.report,
+            "trigger_attention": maps,
+        });
+        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
+    }
+}
+
+impl Session {
+    fn forget_lora(&mut self) {
+        self.lora = None;
+        self.forget_results();
+    }
+
+    fn forget_results(&mut self) {
+        self.sealer = None;
+        self.sealed = None;
+        self.eval = None;
+        self.report = None;
+        self.maps = None;
+    }
+
+    /// Where the trigger goes in evaluation prompts: where sealing put it.
+    fn placement(&self) -> Placement {
+        self.sealed.as_ref().map_or(SealSettings::default().placement, |s| s.settings.placement)
+    }
+}
