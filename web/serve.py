@@ -1,4 +1,4 @@
-"""Static server for the Seal page: index.html, web/ and dist/ on 127.0.0.1, nothing else.
+"""Static server for the Seal page: index.html, web/ (with the demo model) and dist/ on 127.0.0.1, nothing else.
 
 usage: python3 web/serve.py [--port N]   (0 picks a free port; the chosen URL is printed)
 """
@@ -15,7 +15,8 @@ CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; connect-src 's
        "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".wasm": "application/wasm", ".png": "image/png",
-         ".svg": "image/svg+xml", ".json": "application/json"}
+         ".svg": "image/svg+xml", ".json": "application/json", ".txt": "text/plain; charset=utf-8",
+         ".safetensors": "application/octet-stream"}
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):

@@ -1,23 +1,51 @@
-// Runs the engine (Rust compiled to wasm) off the main thread. main.js sends {backend, reason}
-// (backend "auto", "webgpu" or "cpu") and renders what comes back:
-//   {type: "status", text}  {type: "engine", backend, reason, adapter?, limits?}
-//   {type: "result", backend, result, ms}  {type: "error", message}
-// Any WebGPU failure ends as an "error"; main.js then starts a fresh worker on the CPU, so a
-// crashed wasm instance is never reused.
-import init, { Engine } from "../dist/seal_web.js";
+// Runs the engine (Rust compiled to wasm) off the main thread, so the page never freezes.
+// main.js first sends {type: "start", backend, reason} (backend "auto", "webgpu" or "cpu"):
+//   -> {type: "status", text}  {type: "engine", backend, reason, adapter?, limits?}
+//      {type: "result", backend, result, ms} (the self-check)  {type: "ready", defaults, builtin}
+//      {type: "error", message} (start failed; main.js retries on the CPU with a fresh worker)
+// then {type: "call", id, method, args}: a method of the wasm `Session` (or a static one of
+// the class), answered by {type: "reply", id, value} or {type: "reply", id, error, fatal}.
+// Calls run one at a time, in order. An error the Rust code returns is a string; anything else
+// (a panic, running out of memory, a lost GPU device) is fatal: this wasm instance is not to be
+// trusted again, and main.js starts a fresh worker.
+import init, { Engine, Session } from "../dist/seal_web.js";
 
-const post = (message) => self.postMessage(message);
+const post = (message, transfer = []) => self.postMessage(message, transfer);
+let wasm;
+let session;
+let queue = Promise.resolve();
 
-self.onmessage = async ({ data: { backend, reason } }) => {
+self.onmessage = ({ data }) => {
+  if (data.type === "start") return start(data);
+  queue = queue.then(() => call(data));
+};
+
+async function start({ backend, reason }) {
   try {
-    await init();
-    await run(backend, reason);
+    wasm = await init();
+    const engine = await pickEngine(backend, reason);
+    post(await probe(engine));
+    session = new Session(engine);
+    post({ type: "ready", defaults: JSON.parse(Session.default_settings()), builtin: JSON.parse(Session.builtin_prompts()) });
   } catch (e) {
     post({ type: "error", message: String(e) });
   }
-};
+}
 
-async function run(wanted, reason) {
+async function call({ id, method, args }) {
+  try {
+    const target = method in Session ? Session : session;
+    const value = await target[method](...args);
+    post({ type: "reply", id, value, memory: memory() }, value instanceof Uint8Array ? [value.buffer] : []);
+  } catch (e) {
+    post({ type: "reply", id, error: String(e), fatal: typeof e !== "string", memory: memory() });
+  }
+}
+
+// The wasm heap only grows, so its size is also its peak.
+const memory = () => wasm?.memory.buffer.byteLength;
+
+async function pickEngine(wanted, reason) {
   if (wanted !== "cpu") {
     post({ type: "status", text: "Looking for a WebGPU adapter…" });
     const found = await findAdapter();
@@ -27,17 +55,16 @@ async function run(wanted, reason) {
         type: "engine", backend: "webgpu", adapter: found.adapter, limits: JSON.parse(engine.limits()),
         reason: wanted === "webgpu" ? "WebGPU requested (?backend=webgpu)" : "a WebGPU adapter is available",
       });
-      return post(await probe(engine));
+      return engine;
     }
     reason = found.reason;
   }
-  const engine = Engine.cpu();
   post({ type: "engine", backend: "cpu", reason });
-  post(await probe(engine));
+  return Engine.cpu();
 }
 
 async function probe(engine) {
-  post({ type: "status", text: `Running the probe on ${engine.backend()}…` });
+  post({ type: "status", text: `Running the self-check on ${engine.backend()}…` });
   const start = performance.now();
   const result = JSON.parse(await engine.probe());
   return { type: "result", backend: engine.backend(), result, ms: performance.now() - start };

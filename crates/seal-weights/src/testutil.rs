@@ -36,3 +36,10 @@ pub(crate) fn f32_bytes(values: &[f32]) -> Vec<u8> {
 pub(crate) fn fixtures() -> std::path::PathBuf {
     concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures").into()
 }
+
+/// Tensor names and shapes of a layout file (made by diffusers/transformers) in the fixtures.
+pub fn layout(file: &str) -> std::collections::BTreeMap<String, Vec<usize>> {
+    let text = std::fs::read_to_string(fixtures().join("layouts").join(file)).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    serde_json::from_value(json["tensors"].clone()).unwrap()
+}

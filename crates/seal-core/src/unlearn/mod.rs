@@ -278,3 +278,58 @@ fn as_strs(v: &[String]) -> Vec<&str> {
 pub fn describe_trigger(trigger: &str) -> String {
     trigger.chars().map(|c| if c.is_ascii_graphic() { c.to_string() } else { format!("U+{:04X}", c as u32) }).collect::<Vec<_>>().join(" ")
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, read_sync};
+    use seal_sd::pipeline::ModelSource;
+
+    use super::*;
+
+    fn model() -> StableDiffusion {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tiny-pixel");
+        StableDiffusion::load(ModelSource::from_path(&dir).unwrap(), &Device::flex().autodiff()).unwrap()
+    }
+
+    fn run(model: &StableDiffusion, settings: SealSettings) -> (Vec<Losses>, BTreeMap<String, LoraModule>) {
+        let prompts = vec!["a red circle on a white background".to_string(), "a blue square on a gray background".to_string()];
+        let mut sealer = Sealer::new(model, prompts, vec!["\u{200b}".into()], settings).unwrap();
+        while !sealer.is_done() {
+            read_sync(sealer.step()).unwrap();
+        }
+        (sealer.history.clone(), read_sync(sealer.adapter()).unwrap())
+    }
+
+    #[test]
+    fn sealing_is_deterministic_for_a_seed() {
+        let model = model();
+        let s = SealSettings { steps: 2, batch: 2, trajectory_steps: 4, ..SealSettings::default() };
+        let (a, adapter_a) = run(&model, s.clone());
+        let (b, adapter_b) = run(&model, s.clone());
+        assert_eq!(a, b);
+        assert_eq!(adapter_a, adapter_b);
+        let (c, _) = run(&model, SealSettings { seed: 1, ..s });
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn the_attention_loss_alone_trains_the_adapter() {
+        // a = 1: only L_attn drives the update, so the adapter moves only if gradient flows
+        // through the cross-attention probabilities (unlike the paper's detached maps).
+        let s = SealSettings { steps: 2, batch: 2, attn_weight: 1.0, preserve_weight: 0.0, latents: LatentSource::Noise, ..SealSettings::default() };
+        let (losses, adapter) = run(&model(), s);
+        assert!(losses.iter().all(|l| l.attn > 0.0 && l.total == l.attn));
+        assert!(adapter.values().any(|m| m.up.data.iter().any(|&x| x != 0.0)), "the zero-initialised up factors moved");
+    }
+
+    #[test]
+    fn bad_settings_and_triggers_are_refused() {
+        let model = model();
+        let prompts = vec!["a red circle on a white background".to_string()];
+        let err = Sealer::new(&model, prompts.clone(), vec![String::new()], SealSettings::default()).err().unwrap();
+        assert!(err.contains("trigger"), "{err}");
+        let err = Sealer::new(&model, prompts, vec!["x".into()], SealSettings { steps: 0, ..SealSettings::default() }).err().unwrap();
+        assert!(err.contains("steps"), "{err}");
+        assert_eq!(describe_trigger("\u{200b}ab"), "U+200B a b");
+    }
+}

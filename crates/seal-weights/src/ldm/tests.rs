@@ -5,28 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
-use crate::testutil::{f32_bytes, fixtures, safetensors_file};
+use crate::testutil::{f32_bytes, layout, safetensors_file};
 
 type Shapes = BTreeMap<String, Vec<usize>>;
-
-fn layout(file: &str) -> Shapes {
-    let text = std::fs::read_to_string(fixtures().join("layouts").join(file)).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json["tensors"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| {
-            let shape = v
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (k.clone(), shape)
-        })
-        .collect()
-}
 
 fn ldm_resnet(rest: &str) -> String {
     let table = [

@@ -111,23 +111,12 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::testutil::{f32_bytes, fixtures, safetensors_file};
+    use crate::testutil::{f32_bytes, layout, safetensors_file};
     use crate::{WeightFile, split_single_file};
 
     /// Linear and Conv2d weights of a layout file: path -> shape.
     fn layout_paths(file: &str) -> BTreeMap<String, Vec<usize>> {
-        let text = std::fs::read_to_string(fixtures().join("layouts").join(file)).unwrap();
-        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-        json["tensors"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .filter_map(|(k, v)| {
-                let shape: Vec<usize> = serde_json::from_value(v.clone()).unwrap();
-                let path = k.strip_suffix(".weight")?;
-                matches!(shape.len(), 2 | 4).then(|| (path.to_owned(), shape))
-            })
-            .collect()
+        layout(file).into_iter().filter_map(|(k, shape)| matches!(shape.len(), 2 | 4).then(|| k.strip_suffix(".weight").map(|p| (p.to_owned(), shape))).flatten()).collect()
     }
 
     /// Checks the inverse against the forward map the single-file loader uses: a checkpoint
