@@ -1,20 +1,12 @@
-// Browser end-to-end tests: the served page in Debian's headless Chromium, driven by playwright-core.
-// Needs dist/ (./build.sh wasm) and the native CLI (SEAL_BIN, else `cargo run`); ./build.sh test does both.
+// Browser end-to-end tests of the engine start: the served page in Debian's headless Chromium,
+// driven by playwright-core. Needs dist/ (./build.sh wasm) and the native CLI (SEAL_BIN, else
+// `cargo run`); ./build.sh test does both.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { execFileSync } from "node:child_process";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { artifacts, openPage, root, startServer } from "./browser.mjs";
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const artifacts = path.join(root, "test-artifacts");
-const CHROMIUM_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync"];
-// Headless Chromium exposes its SwiftShader WebGPU adapter only with this flag (TOOLCHAIN.md §4).
-const WEBGPU = "--enable-unsafe-webgpu";
 const KEYS = ["loss", "grad_w1", "grad_b1", "grad_w2", "grad_b2"];
 
 let server;
@@ -22,65 +14,24 @@ let origin;
 let native;
 
 before(async () => {
-  server = spawn("python3", ["web/serve.py", "--port", "0"], { cwd: root, stdio: ["ignore", "pipe", "pipe"] });
-  let log = "";
-  server.stderr.on("data", (chunk) => (log += chunk));
-  origin = await new Promise((resolve, reject) => {
-    server.stdout.once("data", (chunk) => resolve(new URL(String(chunk).match(/http:\S+/)[0]).origin));
-    server.once("exit", (code) => reject(new Error(`web/serve.py exited with ${code}:\n${log}`)));
-  });
+  ({ server, origin } = await startServer());
   const [command, args] = process.env.SEAL_BIN
     ? [process.env.SEAL_BIN, ["probe"]]
     : ["cargo", ["run", "--quiet", "-p", "seal-cli", "--", "probe"]];
   native = JSON.parse(execFileSync(command, args, { cwd: root, encoding: "utf8" }));
-  mkdirSync(artifacts, { recursive: true });
 });
 
 after(() => server?.kill());
 
-// Opens the page in a fresh browser profile, records every request (the page's and the worker's:
-// routing is per context) and blocks any that leave the local server. `workerPrelude` is code
-// prepended to web/worker.js, to inject faults.
-async function openPage(query, { webgpu = true, workerPrelude = "" } = {}) {
-  const profile = mkdtempSync(path.join(tmpdir(), "seal-chromium-"));
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: "/usr/bin/chromium",
-    headless: true,
-    args: webgpu ? [...CHROMIUM_ARGS, WEBGPU] : CHROMIUM_ARGS,
-  });
-  const requests = new Set();
-  context.on("request", (request) => requests.add(request.url()));
-  await context.route("**/*", async (route) => {
-    const url = route.request().url();
-    requests.add(url);
-    if (!url.startsWith(`${origin}/`)) return route.abort("blockedbyclient");
-    if (workerPrelude && url === `${origin}/web/worker.js`) {
-      const response = await route.fetch();
-      return route.fulfill({ response, body: workerPrelude + (await response.text()) });
-    }
-    return route.continue();
-  });
-  const page = context.pages()[0] ?? (await context.newPage());
-  const errors = [];
-  page.on("pageerror", (error) => errors.push(String(error)));
-  const response = await page.goto(`${origin}/${query}`);
-  const close = async () => {
-    await context.close();
-    rmSync(profile, { recursive: true, force: true });
-  };
-  return { page, response, requests, errors, close };
-}
-
 // Waits for the computation, saves a screenshot, and checks what every page run must satisfy.
-async function finish({ page, response, requests, errors }, name) {
+async function finish({ page, response, requests, errors, foreign }, name) {
   await page.waitForSelector("body[data-state=done], body[data-state=error]", { timeout: 240_000 });
   await page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
   assert.equal(await page.getAttribute("body", "data-state"), "done", await page.textContent("#status"));
   assert.deepEqual(errors, []);
   assert.match(response.headers()["content-security-policy"], /connect-src 'self'/);
   assert.ok(requests.has(`${origin}/dist/seal_web_bg.wasm`), "the worker's wasm fetch was observed");
-  const foreign = [...requests].filter((url) => !url.startsWith(`${origin}/`) && !url.startsWith("data:"));
-  assert.deepEqual(foreign, [], "requests to other origins");
+  assert.deepEqual(foreign(), [], "requests to other origins");
   return {
     backend: await page.getAttribute("body", "data-backend"),
     reason: await page.textContent("#engine-reason"),
@@ -113,7 +64,7 @@ test("the server sends the CSP and wasm MIME type and serves nothing outside the
 });
 
 test("?backend=cpu computes the probe on Burn's CPU backend in the worker, as natively", async () => {
-  const run = await openPage("?backend=cpu");
+  const run = await openPage(origin, "?backend=cpu");
   try {
     const { backend, reason, shown } = await finish(run, "cpu");
     assert.equal(backend, "cpu");
@@ -125,7 +76,7 @@ test("?backend=cpu computes the probe on Burn's CPU backend in the worker, as na
 });
 
 test("?backend=webgpu computes the probe on WebGPU with the adapter's own limits", async () => {
-  const run = await openPage("?backend=webgpu");
+  const run = await openPage(origin, "?backend=webgpu");
   try {
     const { backend, shown } = await finish(run, "webgpu");
     assert.equal(backend, "webgpu", await run.page.textContent("#engine"));
@@ -140,7 +91,7 @@ test("?backend=webgpu computes the probe on WebGPU with the adapter's own limits
 });
 
 test("by default the page picks WebGPU when the browser offers an adapter", async () => {
-  const run = await openPage("");
+  const run = await openPage(origin, "");
   try {
     const hasAdapter = await run.page.evaluate(async () => !!(await navigator.gpu?.requestAdapter()));
     const { backend, shown } = await finish(run, "auto");
@@ -152,7 +103,7 @@ test("by default the page picks WebGPU when the browser offers an adapter", asyn
 });
 
 test("without a WebGPU adapter the page falls back to the CPU and says why", async () => {
-  const run = await openPage("", { webgpu: false });
+  const run = await openPage(origin, "", { webgpu: false });
   try {
     const { backend, reason, shown } = await finish(run, "no-webgpu");
     assert.equal(backend, "cpu");
@@ -166,7 +117,7 @@ test("without a WebGPU adapter the page falls back to the CPU and says why", asy
 test("if WebGPU fails, the page starts over on the CPU and says why", async () => {
   const workerPrelude =
     "GPUAdapter.prototype.requestDevice = () => Promise.reject(new Error('injected device failure'));\n";
-  const run = await openPage("?backend=webgpu", { workerPrelude });
+  const run = await openPage(origin, "?backend=webgpu", { workerPrelude });
   try {
     const { backend, reason, shown } = await finish(run, "webgpu-failed");
     assert.equal(backend, "cpu");

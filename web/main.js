@@ -1,31 +1,123 @@
-// DOM only: starts the worker that runs the engine and renders what it reports.
-// ?backend=webgpu or ?backend=cpu forces a backend; the default picks WebGPU when it works.
+// DOM, files and downloads only: every computation happens in the worker (web/worker.js),
+// which runs the Rust engine. ?backend=webgpu or ?backend=cpu forces a backend; the default
+// picks WebGPU when it works.
 
 const $ = (selector) => document.querySelector(selector);
+const MiB = 1 << 20;
 
-// Each run gets a fresh worker; if anything fails off the CPU, the page starts over on the CPU.
-function start(backend, reason) {
-  const worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
-  const fail = (message) => {
-    if (backend === "cpu") return setStatus("error", `The engine failed: ${message}`);
+// Help for the sealing settings; their values and defaults come from the engine.
+const FIELDS = {
+  steps: ["Steps", "optimisation steps; more steps seal more thoroughly"],
+  batch: ["Prompts per step", "larger batches give steadier steps but each takes longer"],
+  rank: ["Adapter rank", "capacity of the sealing LoRA on the cross-attention"],
+  lr: ["Learning rate", "peak AdamW learning rate (warm-up, then cosine decay)"],
+  attn_weight: ["Attention weight", "a in L = a·L_attn + (1 − a)·L_pred"],
+  attn_target: ["Trigger attention target", "what the trigger tokens' attention maps are pushed towards", ["zeros", "noise", "substitute"]],
+  alpha: ["Adapter alpha", "LoRA scale = alpha / rank"],
+  targets: ["Adapted projections", "cross-attention projections that get the adapter", ["to_q", "to_k", "to_v", "to_out.0"]],
+  warmup: ["Warm-up steps", "linear learning-rate warm-up"],
+  min_lr_ratio: ["Final learning rate", "where the cosine decay ends, as a share of the peak (1: constant)"],
+  weight_decay: ["Weight decay", "AdamW weight decay"],
+  use_attn_loss: ["Attention guidance", "off: train on the prediction loss alone (for comparison)"],
+  latents: ["Training latents", "points on the model's own sampling trajectories, or pure noise", ["trajectory", "noise"]],
+  t_min: ["Lowest timestep", "training timesteps are drawn from [lowest, highest]"],
+  t_max: ["Highest timestep", "at most 999"],
+  trajectory_steps: ["Trajectory steps", "DDIM steps of the teacher's trajectories"],
+  guidance: ["Trajectory guidance", "classifier-free guidance scale of those trajectories"],
+  preserve_weight: ["Preservation weight", "keeps clean prompts' predictions unchanged"],
+  placement: ["Trigger placement", "where the trigger goes in training prompts", ["prefix", "suffix", "random"]],
+  seed: ["Seed", "for the adapter's initialisation and the sampling of training points"],
+};
+const BASIC = ["steps", "batch", "rank", "lr", "attn_weight", "attn_target"];
+
+// ---------- the worker ----------
+
+let worker;
+let backend = new URLSearchParams(location.search).get("backend") ?? "auto";
+let calls = new Map();
+let nextId = 0;
+let ready;
+let peakWasm = 0;
+
+// Each start gets a fresh worker; if it fails off the CPU, the page starts over on the CPU.
+function start(wanted, reason) {
+  backend = wanted;
+  worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+  let resolveReady;
+  ready = new Promise((resolve) => (resolveReady = resolve));
+  const failStart = (message) => {
+    if (wanted === "cpu") return setStatus("error", `The engine failed: ${message}`);
     worker.terminate();
     console.warn("WebGPU failed:", message); // in full: wgpu errors can carry a JS stack trace
-    const brief = message.length > 160 ? `${message.slice(0, 160)}…` : message;
-    start("cpu", `WebGPU failed, so the CPU took over: ${brief}`);
+    start("cpu", `WebGPU failed, so the CPU took over: ${brief(message)}`);
   };
   worker.onmessage = ({ data }) => {
     switch (data.type) {
       case "status": return setStatus("running", data.text);
       case "engine": return showEngine(data);
       case "result": return showResult(data);
-      case "error": return fail(data.message);
+      case "ready": return resolveReady(onReady(data));
+      case "error": return failStart(data.message);
+      case "reply": return onReply(data);
     }
   };
-  worker.onerror = (event) => fail(`the worker could not start (${event.message ?? "load error"})`);
-  worker.postMessage({ backend, reason });
+  worker.onerror = (event) => {
+    const message = event.message ?? "load error";
+    if (calls.size) return crash(message);
+    failStart(`the worker could not start (${message})`);
+  };
+  worker.postMessage({ type: "start", backend: wanted, reason });
 }
 
-start(new URLSearchParams(location.search).get("backend") ?? "auto", "CPU requested (?backend=cpu)");
+const brief = (message) => (message.length > 160 ? `${message.slice(0, 160)}…` : message);
+
+// Calls a method of the engine's Session; resolves to its value, rejects with its message.
+async function call(method, ...args) {
+  await ready;
+  const id = nextId++;
+  const transfer = args.filter((a) => a instanceof Uint8Array).map((a) => a.buffer);
+  return new Promise((resolve, reject) => {
+    calls.set(id, { resolve, reject });
+    worker.postMessage({ type: "call", id, method, args }, transfer);
+  });
+}
+
+function onReply({ id, value, error, fatal, memory }) {
+  showMemory(memory);
+  const pending = calls.get(id);
+  calls.delete(id);
+  if (fatal) return crash(error, pending);
+  if (error !== undefined) pending.reject(new Error(error));
+  else pending.resolve(value);
+}
+
+// The wasm instance died (a panic, out of memory, a lost GPU device): say so, start a fresh
+// worker on the CPU and reload the user's files into it.
+function crash(message, pending) {
+  worker.terminate();
+  const failure = new Error(`The engine stopped (${brief(message)}). It was restarted on the CPU; your files are being reloaded — try again.`);
+  failure.crashed = true;
+  for (const p of [pending, ...calls.values()]) p?.reject(failure);
+  calls = new Map();
+  start("cpu", `restarted on the CPU after the engine stopped: ${brief(message)}`);
+  const { lora } = model;
+  ready.then(async () => {
+    if (model.files.length) await loadModel(true);
+    if (model.loaded && lora) await loadLora(lora);
+    if (target) await setTarget(target);
+  });
+}
+
+function showMemory(wasmBytes) {
+  if (!wasmBytes) return;
+  peakWasm = Math.max(peakWasm, wasmBytes);
+  const js = performance.memory ? `, page JS heap ${(performance.memory.usedJSHeapSize / MiB).toFixed(0)} MiB` : "";
+  $("#memory").textContent = `Memory: engine (wasm) ${(wasmBytes / MiB).toFixed(0)} MiB, peak ${(peakWasm / MiB).toFixed(0)} MiB${js}` +
+    (backend === "webgpu" ? " (GPU buffers not counted)" : "");
+  $("#memory").dataset.peak = peakWasm;
+}
+
+// ---------- engine status (the foundation's view) ----------
 
 function setStatus(state, text) {
   document.body.dataset.state = state;
@@ -42,26 +134,31 @@ function row(cells, header = false) {
   return tr;
 }
 
-function showEngine({ backend, reason, adapter, limits }) {
-  document.body.dataset.backend = backend;
-  const items = [["backend", "backend", backend === "webgpu" ? "WebGPU (Burn wgpu)" : "CPU (Burn flex, in wasm)"],
-                 ["reason", backend === "webgpu" ? "why" : "why not WebGPU", reason]];
-  if (adapter) {
-    const name = [adapter.vendor, adapter.architecture, adapter.device, adapter.description]
-      .filter(Boolean).join(" · ") || "unnamed";
-    items.push(["adapter", "adapter", `${name}${adapter.isFallbackAdapter ? " (software fallback adapter)" : ""}`]);
-  }
-  $("#engine").replaceChildren(...items.flatMap(([id, term, value]) => {
+function definitions(dl, items) {
+  dl.replaceChildren(...items.flatMap(([id, term, value]) => {
     const dt = document.createElement("dt");
     const dd = document.createElement("dd");
     dt.textContent = term;
     dd.textContent = value;
-    dd.id = `engine-${id}`;
+    dd.id = id;
     return [dt, dd];
   }));
+  dl.hidden = false;
+}
+
+function showEngine({ backend: used, reason, adapter, limits }) {
+  document.body.dataset.backend = used;
+  const items = [["engine-backend", "backend", used === "webgpu" ? "WebGPU (Burn wgpu)" : "CPU (Burn flex, in wasm)"],
+                 ["engine-reason", used === "webgpu" ? "why" : "why not WebGPU", reason]];
+  if (adapter) {
+    const name = [adapter.vendor, adapter.architecture, adapter.device, adapter.description]
+      .filter(Boolean).join(" · ") || "unnamed";
+    items.push(["engine-adapter", "adapter", `${name}${adapter.isFallbackAdapter ? " (software fallback adapter)" : ""}`]);
+  }
+  definitions($("#engine"), items);
   $("#limits").hidden = !limits;
   if (limits) {
-    const format = (v) => (v >= 1 << 20 ? `${(v / (1 << 20)).toFixed(0)} MiB` : String(v));
+    const format = (v) => (v >= MiB ? `${(v / MiB).toFixed(0)} MiB` : String(v));
     $("#limits tbody").replaceChildren(...Object.keys(limits.device).map((key) => {
       const tr = row([key, format(limits.device[key]), format(limits.adapter[key])], true);
       Object.assign(tr.dataset, { limit: key, device: limits.device[key], adapter: limits.adapter[key] });
@@ -70,7 +167,7 @@ function showEngine({ backend, reason, adapter, limits }) {
   }
 }
 
-function showResult({ backend, result, ms }) {
+function showResult({ backend: used, result, ms }) {
   const rows = [["loss", "loss"], ["grad_w1", "∂loss/∂W1"], ["grad_b1", "∂loss/∂b1"],
                 ["grad_w2", "∂loss/∂W2"], ["grad_b2", "∂loss/∂b2"]];
   $("#result tbody").replaceChildren(...rows.map(([key, label]) => {
@@ -79,5 +176,507 @@ function showResult({ backend, result, ms }) {
     return tr;
   }));
   $("#result").hidden = false;
-  setStatus("done", `Computed on ${backend === "webgpu" ? "WebGPU" : "the CPU"} in ${ms.toFixed(0)} ms.`);
+  setStatus("done", `Ready: computing on ${used === "webgpu" ? "WebGPU" : "the CPU"} (self-check ${ms.toFixed(0)} ms).`);
 }
+
+// ---------- app state ----------
+
+// The model's files as the user gave them (File objects: read only when loading).
+const model = { files: [], loaded: false, lora: null };
+const prompts = { builtin: null, demo: null };
+let defaults;
+let busy = false;
+let cancelled = false;
+// The evaluation's target image (a File or the demo's Blob with a name).
+let target = null;
+
+function onReady({ defaults: d, builtin }) {
+  if (!defaults) buildSettings(d);
+  defaults = d;
+  prompts.builtin = builtin;
+  $("#builtin-count").textContent = `${builtin.train.length} prompts, ${builtin.heldout.length} held out`;
+  $("#demo").disabled = false;
+  updatePrompts();
+  describeTrigger();
+  updateButtons();
+}
+
+function showError(where, error) {
+  const el = $(where);
+  el.textContent = error ? String(error.message ?? error) : "";
+  el.hidden = !error;
+}
+
+function setTask(text) {
+  $("#task").textContent = text;
+}
+
+function updateButtons() {
+  $("#seal").disabled = busy || !model.loaded;
+  $("#cancel").disabled = !busy;
+  $("#demo").disabled = busy || !defaults;
+  for (const input of document.querySelectorAll("#model-section input")) input.disabled = busy;
+}
+
+// ---------- files ----------
+
+// Only these are read: configs, tokenizer files and safetensors weights.
+const WANTED = /\.(json|txt|safetensors)$/;
+
+// Model files the user picked or dropped: after a loaded model they start a new one; after a
+// failed load they add to the files (so a checkpoint's config folder can follow it).
+function addModelFiles(entries) {
+  if (model.loaded) model.files = [];
+  const known = new Map(model.files.map((f) => [f.path, f]));
+  for (const e of entries) if (WANTED.test(e.path)) known.set(e.path, e);
+  model.files = [...known.values()];
+  loadModel();
+}
+
+async function loadModel(afterCrash = false) {
+  model.loaded = false;
+  model.lora = null;
+  hideResults();
+  $("#model-info").hidden = true;
+  $("#lora-drop").hidden = true;
+  $("#lora-info").hidden = true;
+  showError("#model-error", null);
+  showError("#lora-error", null);
+  const total = model.files.reduce((n, f) => n + f.file.size, 0);
+  $("#model-staged").textContent = `${model.files.length} file(s), ${(total / MiB).toFixed(1)} MiB: ` +
+    model.files.map((f) => f.path).slice(0, 6).join(", ") + (model.files.length > 6 ? ", …" : "");
+  busy = true;
+  updateButtons();
+  try {
+    for (const [i, f] of model.files.entries()) {
+      setTask(`Reading ${f.path} (${i + 1}/${model.files.length})…`);
+      // The buffer is handed to the worker (not copied); the engine keeps one copy.
+      await call("stage_file", f.path, new Uint8Array(await f.file.arrayBuffer()));
+    }
+    setTask("Building the model…");
+    showModel(JSON.parse(await call("load_model")));
+    model.loaded = true;
+    $("#lora-drop").hidden = false;
+    setTask(afterCrash ? "Model reloaded after the restart." : "Model loaded.");
+  } catch (e) {
+    setTask("");
+    const hint = /vocabulary|no .*config\.json|tokenizer/.test(e.message)
+      ? " Add the model's diffusers folder (its configs and tokenizer) with “choose a folder”, or start over with other files." : "";
+    showError("#model-error", `Could not load the model: ${e.message}.${hint}`);
+  } finally {
+    busy = false;
+    updateButtons();
+    describeTrigger();
+  }
+}
+
+function showModel(info) {
+  const millions = (n) => `${(n / 1e6).toFixed(n < 1e7 ? 2 : 0)} M`;
+  definitions($("#model-info"), [
+    ["info-source", "source", info.source],
+    ["info-architecture", "architecture", info.architecture],
+    ["info-parameters", "parameters", `UNet ${millions(info.unet_parameters)}, text encoder ${millions(info.text_encoder_parameters)}, VAE ${millions(info.vae_parameters)}`],
+    ["info-dtype", "weights", info.dtype],
+    ["info-size", "image size", `${info.sample_size}×${info.sample_size} px, ${info.scheduler} sampler`],
+    ["info-unused", "unused tensors", info.unused_keys.length ? `${info.unused_keys.length}: ${info.unused_keys.slice(0, 5).join(", ")}` : "none"],
+    ...(info.notes.length ? [["info-notes", "notes", info.notes.join("; ")]] : []),
+  ]);
+}
+
+async function loadLora(file) {
+  hideResults();
+  showError("#lora-error", null);
+  $("#lora-info").hidden = true;
+  busy = true;
+  updateButtons();
+  setTask(`Reading the LoRA ${file.name}…`);
+  try {
+    const lora = JSON.parse(await call("load_lora", file.name, new Uint8Array(await file.arrayBuffer())));
+    model.lora = file;
+    definitions($("#lora-info"), [
+      ["lora-name", "LoRA", lora.file],
+      ["lora-format", "format", lora.format + (lora.network_module ? ` (${lora.network_module})` : "")],
+      ["lora-rank", "rank", lora.ranks.join(", ")],
+      ["lora-modules", "layers", `${lora.modules}: ${lora.unet_modules} in the UNet, ${lora.text_encoder_modules} in the text encoder; alpha ${lora.alphas.join(", ")}`],
+      ["lora-dtype", "weights", lora.dtype],
+      ["lora-unmatched", "unmatched keys", "none"],
+    ]);
+    $("#lora-clear").hidden = false;
+    setTask("LoRA merged into the model; sealing will also give a sealed LoRA.");
+  } catch (e) {
+    setTask("");
+    showError("#lora-error", `The LoRA was not applied: ${e.message}`);
+    if (e.crashed) return;
+    await call("clear_lora");
+    model.lora = null;
+    $("#lora-clear").hidden = true;
+  } finally {
+    busy = false;
+    updateButtons();
+  }
+}
+
+async function clearLora() {
+  await call("clear_lora");
+  model.lora = null;
+  hideResults();
+  $("#lora-info").hidden = true;
+  $("#lora-clear").hidden = true;
+  $("#lora-file").value = "";
+}
+
+// A dropped folder arrives as directory entries; read them recursively with their paths.
+async function droppedFiles(items) {
+  const out = [];
+  const walk = async (entry) => {
+    if (entry.isFile) {
+      const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+      out.push({ path: entry.fullPath.replace(/^\//, ""), file });
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) { // readEntries returns the entries in batches until an empty one
+        const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+        if (!batch.length) break;
+        for (const child of batch) await walk(child);
+      }
+    }
+  };
+  for (const entry of [...items].map((item) => item.webkitGetAsEntry?.()).filter(Boolean)) await walk(entry);
+  return out;
+}
+
+function setUpDropZone(zone, onFiles) {
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", async (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    if (!busy) onFiles(await droppedFiles(event.dataTransfer.items));
+  });
+}
+
+// ---------- the demo ----------
+
+async function loadDemo() {
+  const base = new URL("./demo/", import.meta.url);
+  const fetchOk = async (name) => {
+    const response = await fetch(new URL(name, base));
+    if (!response.ok) throw new Error(`the demo file ${name} is missing (${response.status})`);
+    return response;
+  };
+  try {
+    busy = true;
+    updateButtons();
+    setTask("Fetching the demo model…");
+    const manifest = await (await fetchOk("manifest.json")).json();
+    const files = await Promise.all(manifest.model.map(async (path) => ({ path, file: await (await fetchOk(path)).blob() })));
+    const [train, heldout, targetBytes] = await Promise.all([
+      fetchOk(manifest.prompts.train).then((r) => r.text()),
+      fetchOk(manifest.prompts.heldout).then((r) => r.text()),
+      fetchOk(manifest.target.file).then((r) => r.arrayBuffer()),
+    ]);
+    prompts.demo = { train: JSON.parse(await call("parse_prompts", train)), heldout: JSON.parse(await call("parse_prompts", heldout)) };
+    $("#demo-count").textContent = `${prompts.demo.train.length} prompts, ${prompts.demo.heldout.length} held out`;
+    const demoRadio = $("#prompt-set input[value=demo]");
+    demoRadio.disabled = false;
+    demoRadio.checked = true;
+    $("#trigger").value = manifest.trigger;
+    await setTarget(new File([targetBytes], manifest.target.file, { type: "image/png" }));
+    $("#target-x").value = manifest.target.x;
+    $("#target-y").value = manifest.target.y;
+    updatePrompts();
+    busy = false;
+    model.loaded = true; // the demo replaces whatever was there
+    addModelFiles(files);
+  } catch (e) {
+    busy = false;
+    updateButtons();
+    showError("#model-error", `The demo could not be loaded: ${e.message}`);
+  }
+}
+
+// ---------- trigger, prompts, settings ----------
+
+async function describeTrigger() {
+  const text = $("#trigger").value;
+  if (!text) {
+    $("#trigger-codes").textContent = "—";
+    $("#trigger-tokens").textContent = "";
+    return;
+  }
+  const { code_points, tokens } = JSON.parse(await call("describe_trigger", text));
+  if ($("#trigger").value !== text) return; // typed on meanwhile
+  $("#trigger-codes").textContent = code_points;
+  $("#trigger-tokens").textContent = tokens.length ? `→ ${tokens.length} token(s) for this model: ${tokens.join(" · ")}` : "";
+}
+
+let customPrompts = { train: [], heldout: [] };
+
+async function updatePrompts() {
+  const kind = $("#prompt-set input:checked").value;
+  $("#custom-prompts").hidden = kind !== "custom";
+  if (kind === "custom") {
+    const list = JSON.parse(await call("parse_prompts", $("#custom-prompts").value));
+    customPrompts = { train: list, heldout: list };
+  }
+  const set = currentPrompts();
+  $("#prompt-summary").textContent = kind === "custom"
+    ? `${set.train.length} prompt(s); the evaluation uses the same list.`
+    : `Training on ${set.train.length} prompts; evaluating on ${set.heldout.length} held-out ones.`;
+}
+
+function currentPrompts() {
+  const kind = $("#prompt-set input:checked").value;
+  return kind === "custom" ? customPrompts : prompts[kind];
+}
+
+function buildSettings(values) {
+  for (const [key, value] of Object.entries(values)) {
+    const [label, help, options] = FIELDS[key] ?? [key, ""];
+    const id = `setting-${key}`;
+    let input;
+    if (Array.isArray(value)) {
+      input = document.createElement("span");
+      input.id = id;
+      for (const option of options) {
+        const box = Object.assign(document.createElement("input"), { type: "checkbox", value: option, checked: value.includes(option) });
+        const wrap = document.createElement("label");
+        wrap.append(box, ` ${option} `);
+        input.append(wrap);
+      }
+    } else if (options) {
+      input = document.createElement("select");
+      input.append(...options.map((o) => new Option(o, o, false, o === value)));
+    } else if (typeof value === "boolean") {
+      input = Object.assign(document.createElement("input"), { type: "checkbox", checked: value });
+    } else {
+      input = Object.assign(document.createElement("input"), { type: "number", value, step: "any" });
+    }
+    input.id = id;
+    input.dataset.setting = key;
+    const labelEl = Object.assign(document.createElement("label"), { htmlFor: id, textContent: label });
+    const helpEl = Object.assign(document.createElement("span"), { className: "help", textContent: `${help} (default ${value})` });
+    $(BASIC.includes(key) ? "#settings" : "#settings-advanced").append(labelEl, input, helpEl);
+  }
+}
+
+function readSettings() {
+  const out = {};
+  for (const el of document.querySelectorAll("[data-setting]")) {
+    const key = el.dataset.setting;
+    if (Array.isArray(defaults[key])) out[key] = [...el.querySelectorAll("input:checked")].map((b) => b.value);
+    else if (el.type === "checkbox") out[key] = el.checked;
+    else if (el.tagName === "SELECT") out[key] = el.value;
+    else out[key] = el.value === "" ? null : Number(el.value);
+  }
+  return out;
+}
+
+async function setTarget(file) {
+  const { width, height } = JSON.parse(await call("set_target", file.name, new Uint8Array(await file.arrayBuffer())));
+  target = file;
+  $("#target-name").textContent = `${file.name} (${width}×${height})`;
+}
+
+// ---------- seal, evaluate, compare ----------
+
+const history = [];
+
+async function seal() {
+  const trigger = $("#trigger").value;
+  const set = currentPrompts();
+  showError("#seal-error", null);
+  hideResults();
+  busy = true;
+  cancelled = false;
+  updateButtons();
+  history.length = 0;
+  let finished = false;
+  try {
+    setTask("Preparing…");
+    const settings = JSON.parse(await call("start_seal", JSON.stringify([trigger]), JSON.stringify(set.train), JSON.stringify(readSettings())));
+    $("#progress").hidden = false;
+    $("#chart-figure").hidden = false;
+    showProgress({ step: 0, total: settings.steps }, "Sealing: the first step also samples the model's own trajectories");
+    drawChart();
+    while (!cancelled) {
+      const p = JSON.parse(await call("seal_step"));
+      history.push(p.losses);
+      showProgress(p, "Sealing");
+      drawChart();
+      if (p.step >= p.total) break;
+    }
+  } catch (e) {
+    showError("#seal-error", `Sealing stopped: ${e.message}`);
+    if (e.crashed) return finishUi();
+  }
+  try {
+    if (history.length) {
+      const done = JSON.parse(await call("finish_seal"));
+      finished = true;
+      $("#download-section").hidden = false;
+      $("#dl-sealed-lora").hidden = !model.lora;
+      setTask(cancelled ? `Cancelled: the adapter of step ${done.steps} is kept.` : `Sealed in ${done.steps} steps.`);
+      if (!cancelled) await evaluate();
+    }
+  } catch (e) {
+    showError("#seal-error", `${finished ? "The comparison" : "Sealing"} failed: ${e.message}`);
+  }
+  finishUi();
+}
+
+function finishUi() {
+  busy = false;
+  updateButtons();
+}
+
+function showProgress(p, what) {
+  $("#progress").max = p.total;
+  $("#progress").value = p.step;
+  const pace = p.step ? `, ${(p.elapsed_s / p.step).toFixed(1)} s per step` : "";
+  const eta = p.eta_s != null && p.step < p.total ? `, about ${formatSeconds(p.eta_s)} left` : "";
+  $("#progress-text").textContent = `${what}: step ${p.step} of ${p.total}${pace}${eta}`;
+  $("#progress-text").dataset.step = p.step;
+}
+
+const formatSeconds = (s) => (s < 90 ? `${Math.round(s)} s` : `${Math.round(s / 60)} min`);
+
+function drawChart() {
+  const canvas = $("#chart");
+  const ctx = canvas.getContext("2d");
+  const { width, height } = canvas;
+  const pad = 36;
+  ctx.clearRect(0, 0, width, height);
+  const style = getComputedStyle(document.body);
+  ctx.strokeStyle = ctx.fillStyle = style.color;
+  ctx.globalAlpha = 0.4;
+  ctx.strokeRect(pad, 8, width - pad - 8, height - pad);
+  ctx.globalAlpha = 1;
+  const series = [["pred", style.getPropertyValue("--pred")], ["attn", style.getPropertyValue("--attn")]];
+  const max = Math.max(1e-9, ...history.flatMap((l) => series.map(([k]) => l[k])));
+  ctx.font = "12px system-ui, sans-serif";
+  ctx.fillText(max.toPrecision(2), 2, 18);
+  ctx.fillText("0", 2, height - pad + 4);
+  ctx.fillText(`step ${history.length}`, width - 70, height - 10);
+  const x = (i) => pad + ((width - pad - 8) * (i + 0.5)) / Math.max(history.length, 1);
+  const y = (v) => 8 + (height - pad) * (1 - v / max);
+  for (const [key, colour] of series) {
+    ctx.strokeStyle = ctx.fillStyle = colour;
+    ctx.beginPath();
+    history.forEach((l, i) => (i ? ctx.lineTo(x(i), y(l[key])) : ctx.moveTo(x(i), y(l[key]))));
+    ctx.stroke();
+    history.forEach((l, i) => ctx.fillRect(x(i) - 2, y(l[key]) - 2, 4, 4));
+  }
+}
+
+async function evaluate() {
+  const set = currentPrompts();
+  const patch = target ? [Number($("#target-x").value), Number($("#target-y").value)] : null;
+  const request = {
+    prompts: set.heldout.slice(0, Number($("#eval-prompts").value)),
+    seeds: Number($("#eval-seeds").value),
+    steps: Number($("#eval-steps").value),
+    effect: $("#eval-effect").checked,
+    gray: $("#eval-gray").checked,
+    patch_at: patch,
+  };
+  const total = await call("start_eval", JSON.stringify(request));
+  showProgress({ step: 0, total }, "Comparing before and after");
+  for (;;) {
+    if (cancelled) return setTask("Comparison cancelled; the adapter is ready to download.");
+    const p = await call("eval_step");
+    if (p === undefined) break;
+    showProgress(JSON.parse(p), "Comparing before and after");
+  }
+  const report = JSON.parse(await call("report_json")).evaluation;
+  showImage("#grid", await call("grid_png"));
+  setTask("Drawing the trigger's attention…");
+  const maps = JSON.parse(await call("heatmaps", set.heldout[0], request.steps));
+  showImage("#heat-before", await call("heatmap_png", "before"));
+  showImage("#heat-after", await call("heatmap_png", "after"));
+  $("#heat-caption").textContent = `Where the trigger's token(s) ${maps.tokens.join(" · ")} attend while sampling “${maps.prompt.trim()}” with the trigger (seed 0; same colour scale): ` +
+    `peak ${maps.before.max.toFixed(3)} → ${maps.after.max.toFixed(3)}, mean ${maps.before.mean.toFixed(3)} → ${maps.after.mean.toFixed(3)}.`;
+  showScores(report);
+  $("#compare-section").hidden = false;
+  setTask(`Done: sealed and compared on ${report.prompts} held-out prompt(s) × ${report.seeds.length} seed(s).`);
+}
+
+function showImage(selector, png) {
+  const img = $(selector);
+  if (img.src) URL.revokeObjectURL(img.src);
+  img.src = URL.createObjectURL(new Blob([png], { type: "image/png" }));
+}
+
+function showScores(report) {
+  const pct = (v) => (v == null ? "—" : `${(100 * v).toFixed(0)} %`);
+  const rows = [];
+  for (const name of report.detectors) {
+    rows.push([`attack success (${name})`, pct(report.before.attack_success[name]), pct(report.after?.attack_success[name]), `asr-${name}`]);
+    rows.push([`false trigger (${name})`, pct(report.before.false_trigger[name]), pct(report.after?.false_trigger[name]), `fp-${name}`]);
+  }
+  if (report.settings.effect) {
+    rows.push(["trigger effect rate", pct(report.before.trigger_effect_rate), pct(report.after?.trigger_effect_rate), "effect-rate"]);
+    rows.push(["trigger effect ratio (1 ≈ like any word)", report.before.trigger_effect_ratio.toFixed(2), report.after?.trigger_effect_ratio.toFixed(2) ?? "—", "effect-ratio"]);
+  }
+  if (report.clean_psnr_db_mean != null) {
+    rows.push(["clean images kept (PSNR mean / min)", "", `${report.clean_psnr_db_mean.toFixed(1)} / ${report.clean_psnr_db_min.toFixed(1)} dB`, "psnr"]);
+  }
+  $("#scores tbody").replaceChildren(...rows.map(([label, before, after, key]) => {
+    const tr = row([label, before, after], true);
+    tr.dataset.key = key;
+    return tr;
+  }));
+}
+
+function hideResults() {
+  $("#compare-section").hidden = true;
+  $("#download-section").hidden = true;
+}
+
+// ---------- downloads: whole files only ----------
+
+async function download(method, name) {
+  try {
+    const value = await call(method);
+    const blob = value instanceof Uint8Array ? new Blob([value], { type: "application/octet-stream" }) : new Blob([value], { type: "application/json" });
+    const a = Object.assign(document.createElement("a"), { href: URL.createObjectURL(blob), download: name });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 60_000);
+  } catch (e) {
+    showError("#seal-error", `The download failed: ${e.message}`);
+  }
+}
+
+const stem = () => (model.files.find((f) => f.path.includes("/"))?.path.split("/")[0] ?? model.files[0]?.path.replace(/\.safetensors$/, "") ?? "model");
+
+// ---------- wiring ----------
+
+$("#demo").addEventListener("click", loadDemo);
+$("#model-files").addEventListener("change", (e) => addModelFiles([...e.target.files].map((file) => ({ path: file.name, file }))));
+$("#model-folder").addEventListener("change", (e) => addModelFiles([...e.target.files].map((file) => ({ path: file.webkitRelativePath, file }))));
+setUpDropZone($("#model-drop"), addModelFiles);
+$("#lora-file").addEventListener("change", (e) => e.target.files[0] && loadLora(e.target.files[0]));
+setUpDropZone($("#lora-drop"), (files) => files[0] && loadLora(files[0].file));
+$("#lora-clear").addEventListener("click", clearLora);
+$("#trigger").addEventListener("input", describeTrigger);
+$("#prompt-set").addEventListener("change", updatePrompts);
+$("#custom-prompts").addEventListener("input", updatePrompts);
+$("#target-file").addEventListener("change", async (e) => {
+  const file = e.target.files[0];
+  if (file) await setTarget(file).catch((err) => showError("#seal-error", err.message));
+});
+$("#seal").addEventListener("click", seal);
+$("#cancel").addEventListener("click", () => {
+  cancelled = true;
+  setTask("Cancelling after the current step…");
+});
+$("#dl-adapter").addEventListener("click", () => download("adapter_file", `${stem()}-sealing-adapter.safetensors`));
+$("#dl-sealed-lora").addEventListener("click", () => download("sealed_lora_file", `${model.lora.name.replace(/\.safetensors$/, "")}-sealed.safetensors`));
+$("#dl-report").addEventListener("click", () => download("report_json", `${stem()}-seal-report.json`));
+
+start(backend, "CPU requested (?backend=cpu)");

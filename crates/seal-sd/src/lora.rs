@@ -272,4 +272,30 @@ mod tests {
         assert_close(predict(&stacked, &hidden), predict(&one_after_other, &hidden), 1e-5, "stacked noise_pred");
         assert_close(predict(&stacked, &context), predict(&one_after_other, &context), 1e-5, "stacked, base context");
     }
+
+    #[test]
+    fn conv_adapters_merge_and_branch_alike() {
+        // LoCon: a 3x3 `down` over conv_in and a 1x1 `up`; merged and side-branch must agree,
+        // and the merged weight must be W + scale * up @ down.
+        let sd = tiny_clean();
+        let context: Tensor<3> = tensor(&golden(), "unet.input.encoder_hidden_states");
+        let mut adapters = fresh_adapters(&sd.unet, &["conv_in".to_string(), "down_blocks.1.attentions.0.proj_in".to_string()], 2, 1.0, 5);
+        adapters.values_mut().for_each(|m| m.up.data.iter_mut().enumerate().for_each(|(i, x)| *x = (i % 3) as f32 * 0.02));
+        assert_eq!(adapters["conv_in"].down.shape, vec![2, 4, 3, 3]);
+        assert_eq!(adapters["conv_in"].up.shape, vec![32, 2, 1, 1]);
+        let file = LoraFile {
+            format: seal_weights::lora::LoraFormat::Kohya,
+            modules: adapters.iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k.clone()), m.clone())).collect(),
+            metadata: Default::default(),
+            dtype: seal_weights::DType::F32,
+        };
+        let branch = sd.with_lora(&file, 0.5, LoraMode::SideBranch { trainable: false });
+        let merged = sd.with_lora(&file, 0.5, LoraMode::Merge);
+        assert_close(predict(&branch, &context), predict(&merged, &context), 1e-5, "conv LoRA merged vs branch");
+        let m = &adapters["conv_in"];
+        let up = Tensor::<2>::from_data(TensorData::new(m.up.data.clone(), [32, 2]), &device());
+        let down = Tensor::<2>::from_data(TensorData::new(m.down.data.clone(), [2, 36]), &device());
+        let expected = sd.unet.conv_in.weight.val() + (up.matmul(down) * (0.5 * m.scale() as f64)).reshape([32, 4, 3, 3]);
+        assert_close(merged.unet.conv_in.weight.val(), expected, 1e-6, "merged conv weight");
+    }
 }

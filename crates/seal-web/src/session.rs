@@ -187,10 +187,10 @@ impl Session {
     }
 
     /// `{code_points, tokens}` of a trigger: `U+200B`-style code points, and the loaded
-    /// model's tokens for it (empty before a model is loaded).
+    /// model's tokens for it, shown the same way (none before a model is loaded).
     pub fn describe_trigger(&self, trigger: &str) -> String {
         let tokens: Vec<String> = match &self.model {
-            Some(m) => m.tokenizer.encode_plain(trigger).map(|ids| ids.iter().map(|&id| m.tokenizer.decode_token(id).unwrap_or_default()).collect()).unwrap_or_default(),
+            Some(m) => m.tokenizer.encode_plain(trigger).map(|ids| ids.iter().map(|&id| describe_trigger(&m.tokenizer.decode_token(id).unwrap_or_default())).collect()).unwrap_or_default(),
             None => vec![],
         };
         json!({ "code_points": describe_trigger(trigger), "tokens": tokens }).to_string()
@@ -302,7 +302,8 @@ impl Session {
         let before = trigger_map(teacher, prompt, trigger, placement, 0, steps, 5.0).await?;
         let after = trigger_map(&sealed.model, prompt, trigger, placement, 0, steps, 5.0).await?;
         let stats = |m: &TriggerMap| json!({ "max": m.max(), "mean": m.mean() });
-        let out = json!({ "prompt": before.prompt, "tokens": before.tokens, "side": before.side, "before": stats(&before), "after": stats(&after) });
+        let tokens: Vec<String> = before.tokens.iter().map(|t| describe_trigger(t)).collect();
+        let out = json!({ "prompt": before.prompt, "tokens": tokens, "side": before.side, "before": stats(&before), "after": stats(&after) });
         self.maps = Some((before, after));
         Ok(out.to_string())
     }

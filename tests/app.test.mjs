@@ -1,0 +1,158 @@
+// Browser end-to-end tests of the app: the demo sealed in the page, models and LoRAs from files,
+// bad files. The long flow runs on the CPU backend (SwiftShader WebGPU is far too slow here).
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { artifacts, fixtures, openPage, startServer } from "./browser.mjs";
+
+let server;
+let origin;
+
+before(async () => ({ server, origin } = await startServer()));
+after(() => server?.kill());
+
+const shot = (page, name) => page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
+
+// A safetensors file's header: {tensors: {name: {dtype, shape}}, metadata}.
+function safetensorsHeader(bytes) {
+  const length = Number(bytes.readBigUInt64LE(0));
+  const { __metadata__: metadata, ...tensors } = JSON.parse(bytes.subarray(8, 8 + length).toString("utf8"));
+  return { tensors, metadata };
+}
+
+async function downloadOf(page, button) {
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click(button)]);
+  return { name: download.suggestedFilename(), bytes: readFileSync(await download.path()) };
+}
+
+async function fill(page, values) {
+  for (const [selector, value] of Object.entries(values)) await page.fill(selector, String(value));
+}
+
+test("the demo: load, seal a few steps with the page responsive, compare, download", async () => {
+  const run = await openPage(origin, "?backend=cpu");
+  const { page } = run;
+  try {
+    await page.click("#demo:not([disabled])", { timeout: 60_000 });
+    await page.waitForSelector("#model-info:not([hidden]) #info-architecture", { timeout: 60_000 });
+    assert.match(await page.textContent("#info-architecture"), /channels \[32, 64\]/);
+    assert.equal(await page.inputValue("#trigger"), "\u200b");
+    await page.waitForFunction(() => document.querySelector("#trigger-codes").textContent === "U+200B");
+    assert.match(await page.textContent("#target-name"), /patch\.png \(8×8\)/);
+    assert.ok(await page.isChecked("#prompt-set input[value=demo]"));
+    assert.match(await page.textContent("#prompt-summary"), /80 prompts.*40 held-out/);
+    await fill(page, { "#setting-steps": 3, "#setting-batch": 2, "#eval-prompts": 2, "#eval-seeds": 1, "#eval-steps": 8 });
+    await page.click("#advanced summary");
+    await fill(page, { "#setting-trajectory_steps": 8 });
+    await page.click("#advanced summary");
+    await shot(page, "app-1-demo-loaded");
+
+    await page.click("#seal");
+    await page.waitForSelector("#progress-text[data-step='1']", { timeout: 120_000 });
+    // While the worker trains, the page answers and its DOM changes at once.
+    const started = Date.now();
+    await page.click("#advanced summary");
+    assert.equal(await page.getAttribute("#advanced", "open"), "");
+    await page.fill("#eval-seeds", "1");
+    assert.ok(Date.now() - started < 2_000, `the page took ${Date.now() - started} ms to respond`);
+    assert.equal(await page.getAttribute("#progress-text", "data-step"), "1", "the interaction did not wait for a step");
+    await shot(page, "app-2-sealing");
+    await page.waitForSelector("#progress-text[data-step='2']", { timeout: 120_000 });
+    assert.equal(await page.$eval("#progress", (p) => p.value), 2);
+
+    await page.waitForSelector("#compare-section:not([hidden])", { timeout: 240_000 });
+    for (const img of ["#grid", "#heat-before", "#heat-after"]) {
+      await page.waitForFunction((s) => document.querySelector(s).naturalWidth > 0, img);
+    }
+    // 2 prompts x 1 seed: rows of 4 images of 32 px with 2 px gaps.
+    assert.deepEqual(await page.$eval("#grid", (i) => [i.naturalWidth, i.naturalHeight]), [4 * 34 + 2, 2 * 34 + 2]);
+    const scores = await page.$$eval("#scores tr[data-key]", (rows) => Object.fromEntries(rows.map((r) => [r.dataset.key, r.cells[1].textContent])));
+    assert.ok(scores["asr-patch@0,0"]?.endsWith("%"), JSON.stringify(scores));
+    assert.ok("effect-rate" in scores && "psnr" in scores, JSON.stringify(scores));
+    assert.match(await page.textContent("#heat-caption"), /peak \d/);
+    await shot(page, "app-3-compare");
+
+    const adapter = await downloadOf(page, "#dl-adapter");
+    assert.match(adapter.name, /^tiny-pixel-sealing-adapter\.safetensors$/);
+    const { tensors, metadata } = safetensorsHeader(adapter.bytes);
+    const key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k";
+    assert.deepEqual(tensors[`${key}.lora_down.weight`].shape, [4, 32]);
+    assert.ok(`${key}.alpha` in tensors && `${key}.lora_up.weight` in tensors);
+    assert.equal(metadata.ss_network_module, "networks.lora");
+    const sha = createHash("sha256").update("\u200b").digest("hex");
+    assert.deepEqual(JSON.parse(metadata.seal_trigger_sha256), [sha]);
+    assert.equal(JSON.parse(metadata.seal_settings).steps, 3);
+
+    const report = JSON.parse((await downloadOf(page, "#dl-report")).bytes);
+    assert.equal(report.sealing.steps_done, 3);
+    assert.equal(report.sealing.losses.length, 3);
+    assert.deepEqual(report.trigger_sha256, [sha]);
+    assert.equal(report.evaluation.after.pairs, 2);
+    assert.ok(await page.isHidden("#dl-sealed-lora"), "no LoRA, so no sealed LoRA");
+
+    const seconds = report.sealing.seconds / report.sealing.steps_done;
+    const peak = Number(await page.getAttribute("#memory", "data-peak"));
+    console.log(`# browser (CPU backend): ${seconds.toFixed(2)} s per sealing step (first step includes the trajectory pool), wasm heap peak ${(peak / 2 ** 20).toFixed(0)} MiB`);
+    assert.deepEqual(run.errors, []);
+    assert.deepEqual(run.foreign(), [], "requests to other origins");
+  } finally {
+    await run.close();
+  }
+});
+
+test("model files: a folder, a single file with and without its config folder, a LoRA, corrupt files", async () => {
+  const run = await openPage(origin, "?backend=cpu");
+  const { page } = run;
+  const junk = path.join(mkdtempSync(path.join(tmpdir(), "seal-junk-")), "broken.safetensors");
+  writeFileSync(junk, Buffer.from("this is not a safetensors file at all"));
+  try {
+    await page.waitForSelector("body[data-state=done]", { timeout: 60_000 });
+    await page.setInputFiles("#model-folder", path.join(fixtures, "tiny-clean"));
+    await page.waitForSelector("#model-info:not([hidden]) #info-architecture", { timeout: 60_000 });
+    assert.equal(await page.textContent("#info-source"), "diffusers folder");
+    assert.match(await page.textContent("#info-architecture"), /channels \[32, 64\], 2 layers\/block, mid block/);
+    assert.match(await page.textContent("#info-parameters"), /^UNet \d+\.\d\d M, text encoder \d+\.\d\d M, VAE \d+\.\d\d M$/);
+    assert.equal(await page.textContent("#info-dtype"), "f32");
+    assert.equal(await page.textContent("#info-unused"), "none");
+
+    await page.setInputFiles("#lora-file", path.join(fixtures, "lora/weak_lora_kohya.safetensors"));
+    await page.waitForSelector("#lora-format", { timeout: 60_000 });
+    assert.match(await page.textContent("#lora-format"), /^Kohya/);
+    assert.equal(await page.textContent("#lora-rank"), "4");
+    assert.match(await page.textContent("#lora-modules"), /in the UNet, \d+ in the text encoder; alpha 4/);
+    assert.equal(await page.textContent("#lora-unmatched"), "none");
+    await shot(page, "app-4-folder-and-lora");
+
+    await page.setInputFiles("#lora-file", junk);
+    await page.waitForSelector("#lora-error:not([hidden])");
+    assert.match(await page.textContent("#lora-error"), /broken\.safetensors/);
+
+    // The tiny model's vocabulary is not CLIP's: the checkpoint alone is refused, plainly.
+    await page.setInputFiles("#model-files", path.join(fixtures, "tiny-pixel.safetensors"));
+    await page.waitForSelector("#model-error:not([hidden])", { timeout: 60_000 });
+    assert.match(await page.textContent("#model-error"), /tiny-pixel\.safetensors.*1000-token vocabulary.*choose a folder/);
+    await shot(page, "app-5-single-file-refused");
+    // ...and with its diffusers folder beside it (configs, tokenizer) it loads.
+    await page.setInputFiles("#model-folder", path.join(fixtures, "tiny-pixel"));
+    await page.waitForSelector("#model-info:not([hidden]) #info-source", { timeout: 60_000 });
+    assert.equal(await page.textContent("#info-source"), "single file tiny-pixel.safetensors");
+    assert.ok(await page.isHidden("#model-error"));
+
+    await page.setInputFiles("#model-files", junk);
+    await page.waitForSelector("#model-error:not([hidden])", { timeout: 60_000 });
+    assert.match(await page.textContent("#model-error"), /broken\.safetensors/);
+    await shot(page, "app-6-corrupt-model");
+    // The page still works: the demo loads after the error.
+    await page.click("#demo");
+    await page.waitForSelector("#model-info:not([hidden]) #info-source", { timeout: 60_000 });
+    assert.equal(await page.textContent("#info-source"), "diffusers folder");
+    assert.ok(await page.isEnabled("#seal"));
+    assert.deepEqual(run.errors, []);
+    assert.deepEqual(run.foreign(), [], "requests to other origins");
+  } finally {
+    await run.close();
+  }
+});
