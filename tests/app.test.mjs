@@ -25,6 +25,7 @@ function safetensorsHeader(bytes) {
 
 async function downloadOf(page, button) {
   const [download] = await Promise.all([page.waitForEvent("download"), page.click(button)]);
+  console.log("got", download.suggestedFilename());
   return { name: download.suggestedFilename(), bytes: readFileSync(await download.path()) };
 }
 
@@ -74,6 +75,8 @@ test("the demo: load, seal a few steps with the page responsive, compare, downlo
     assert.ok("effect-rate" in scores && "psnr" in scores, JSON.stringify(scores));
     assert.match(await page.textContent("#heat-caption"), /peak \d/);
     await shot(page, "app-3-compare");
+    await page.evaluate(() => document.addEventListener("click", (e) => console.log("clicked", e.target.id, e.target.tagName, e.clientX, e.clientY, window.scrollY, document.querySelector("#dl-adapter").getBoundingClientRect().y), true));
+    page.on("console", (m) => console.log("console:", m.type(), m.text()));
 
     const adapter = await downloadOf(page, "#dl-adapter");
     assert.match(adapter.name, /^tiny-pixel-sealing-adapter\.safetensors$/);

@@ -19,7 +19,7 @@ pub struct Args {
     fixtures: PathBuf,
     #[arg(long, default_value = "bench-results/ablation.json")]
     out: PathBuf,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 200)]
     steps: usize,
     /// Evaluate every this many steps.
     #[arg(long, default_value_t = 50)]
@@ -45,11 +45,10 @@ fn variants(steps: usize) -> Vec<(&'static str, SealSettings)> {
         ("no L_attn", with(&|s| s.use_attn_loss = false)),
         ("target noise", with(&|s| s.attn_target = AttnTarget::Noise)),
         ("target substitute", with(&|s| s.attn_target = AttnTarget::Substitute)),
-        ("latents noise", with(&|s| s.latents = LatentSource::Noise)),
-        ("no preservation", with(&|s| s.preserve_weight = 0.0)),
-        ("paper recipe (noise latents, no preservation, constant lr)", with(&|s| {
-            s.latents = LatentSource::Noise;
-            s.preserve_weight = 0.0;
+        ("latents trajectory", with(&|s| s.latents = LatentSource::Trajectory)),
+        ("preservation 0.5", with(&|s| s.preserve_weight = 0.5)),
+        ("paper-like (no L_attn, constant lr)", with(&|s| {
+            s.use_attn_loss = false;
             s.min_lr_ratio = 1.0;
             s.warmup = 0;
         })),
