@@ -77,8 +77,7 @@ pub fn run(args: Args) -> Result<(), String> {
             train_s += start.elapsed().as_secs_f64();
             let step = sealer.history.len();
             if step % args.every == 0 || sealer.is_done() {
-                let mut sealed = model.clone();
-                sealed.unet = sealer.sealed_unet();
+                let sealed = sealer.sealed();
                 let mut eval = Evaluation::new(&heldout, &trigger, vec![Detector::patch(patch.clone(), 0, 0)], eval_settings.clone())?;
                 while read_sync(eval.step(&model, Some(&sealed)))?.is_some() {}
                 let r = eval.report(heldout.len());

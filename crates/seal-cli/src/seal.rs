@@ -56,6 +56,9 @@ pub struct Args {
     preserve: Option<f32>,
     #[arg(long)]
     placement: Option<Placement>,
+    /// Also adapt the text encoder's self-attention projections.
+    #[arg(long)]
+    text_encoder: bool,
     /// Cross-attention projections to adapt, e.g. to_k,to_v.
     #[arg(long, value_delimiter = ',', value_parser = parse_projection)]
     targets: Option<Vec<Projection>>,
@@ -123,6 +126,9 @@ fn settings(args: &Args) -> Result<SealSettings, String> {
     set!(steps, batch, rank, alpha, lr, attn_weight, attn_target, latents, placement, targets, seed);
     if let Some(p) = args.preserve {
         s.preserve_weight = p;
+    }
+    if args.text_encoder {
+        s.text_encoder = true;
     }
     if args.no_attn_loss {
         s.use_attn_loss = false;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use seal_sd::pipeline::ModelInfo;
 use seal_sd::seal_weights::DType;
-use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, LoraFormat, LoraModule, LoraTarget, kohya_metadata, stack};
+use seal_sd::seal_weights::lora::{LoraFile, LoraFormat, LoraModule, LoraTarget, kohya_metadata, stack};
 use sha2::{Digest, Sha256};
 
 use crate::unlearn::SealSettings;
@@ -18,7 +18,7 @@ pub fn trigger_hash(trigger: &str) -> String {
 
 /// The sealing adapter as a kohya-format LoRA with the usual `ss_*` metadata and a `seal_*`
 /// record. Triggers are stored as hashes unless `reveal_triggers`.
-pub fn sealing_adapter(adapters: &BTreeMap<String, LoraModule>, settings: &SealSettings, model: &ModelInfo, triggers: &[String], reveal_triggers: bool) -> LoraFile {
+pub fn sealing_adapter(adapters: &BTreeMap<LoraTarget, LoraModule>, settings: &SealSettings, model: &ModelInfo, triggers: &[String], reveal_triggers: bool) -> LoraFile {
     let mut metadata = kohya_metadata(settings.rank, settings.alpha);
     let mut put = |k: &str, v: String| {
         metadata.insert(k.to_string(), v);
@@ -36,7 +36,7 @@ pub fn sealing_adapter(adapters: &BTreeMap<String, LoraModule>, settings: &SealS
     }
     LoraFile {
         format: LoraFormat::Kohya,
-        modules: adapters.iter().map(|(path, m)| (LoraTarget::new(LoraComponent::Unet, path.clone()), m.clone())).collect(),
+        modules: adapters.clone(),
         metadata,
         dtype: DType::F32,
     }

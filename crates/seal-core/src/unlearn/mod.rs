@@ -15,8 +15,7 @@ use seal_sd::lora::{self, cross_attention_targets};
 use seal_sd::pipeline::StableDiffusion;
 use seal_sd::rng::SeededRng;
 use seal_sd::scheduler::SamplerKind;
-use seal_sd::seal_weights::lora::LoraModule;
-use seal_sd::unet::UNet2DConditionModel;
+use seal_sd::seal_weights::lora::{LoraComponent, LoraModule, LoraTarget};
 
 use crate::progress::{Clock, Losses, Progress, Task};
 use crate::prompts::{HARMLESS, insert};
@@ -33,10 +32,13 @@ struct Point {
 /// A sealing run in progress: call `step` until `is_done`, then take `adapter`.
 pub struct Sealer {
     teacher: StableDiffusion,
-    student: UNet2DConditionModel,
+    /// The teacher's modules (shared weights) with trainable adapters on the UNet's
+    /// cross-attention and, optionally, the text encoder's self-attention.
+    student: StableDiffusion,
     /// The student after the last step whose loss was finite: what a cancel keeps.
-    last_good: UNet2DConditionModel,
-    optim: ModuleOptimizer,
+    last_good: StableDiffusion,
+    optim_unet: ModuleOptimizer,
+    optim_text: ModuleOptimizer,
     settings: SealSettings,
     prompts: Vec<String>,
     triggers: Vec<String>,
@@ -68,14 +70,21 @@ impl Sealer {
         if targets.is_empty() {
             return Err("the UNet has no cross-attention layers to adapt".into());
         }
+        let mut student = model.clone();
         let fresh = lora::fresh_adapters(&model.unet, &targets, settings.rank, settings.alpha, settings.seed);
-        let student = lora::attach(model.unet.clone(), &fresh, 1.0, true);
-        let optim = AdamWConfig::new().with_weight_decay(settings.weight_decay).init();
+        student.unet = lora::attach(model.unet.clone(), &fresh, 1.0, true);
+        if settings.text_encoder {
+            let targets = text_encoder_targets(&model.text_encoder);
+            let fresh = lora::fresh_adapters(&model.text_encoder, &targets, settings.rank, settings.alpha, settings.seed ^ 0x7e);
+            student.text_encoder = lora::attach(model.text_encoder.clone(), &fresh, 1.0, true);
+        }
+        let optim = || AdamWConfig::new().with_weight_decay(settings.weight_decay).init();
         Ok(Self {
             teacher: model.clone(),
             last_good: student.clone(),
             student,
-            optim,
+            optim_unet: optim(),
+            optim_text: optim(),
             rng: SeededRng::new(settings.seed.wrapping_add(1)),
             settings,
             prompts,
@@ -111,9 +120,10 @@ impl Sealer {
             triggered.push(trig);
             substitutes.push(insert(prompt, HARMLESS[self.rng.below(HARMLESS.len())], s.placement, &mut place.clone()));
         }
-        // The text encoder is frozen and shared; its outputs are constants here.
+        // The teacher's text encoding is a constant; the student's carries gradient when the
+        // text encoder has adapters (otherwise it is the same frozen module).
         let ctx_clean = self.teacher.encode_prompts(&as_strs(&clean)).map_err(|e| e.to_string())?.detach();
-        let ctx_trig = self.teacher.encode_prompts(&as_strs(&triggered)).map_err(|e| e.to_string())?.detach();
+        let ctx_trig = self.student.encode_prompts(&as_strs(&triggered)).map_err(|e| e.to_string())?;
         let x = Tensor::cat(points.iter().map(|p| p.latent.clone()).collect(), 0);
         let ts: Vec<f32> = points.iter().map(|p| p.t as f32).collect();
         let t = Tensor::<1>::from_floats(ts.as_slice(), &self.teacher.device);
@@ -121,7 +131,7 @@ impl Sealer {
         let attn = s.use_attn_loss && s.attn_weight > 0.0;
         let teacher = self.teacher.unet.forward(x.clone(), t.clone(), &ctx_clean, attn);
         let eps_teacher = teacher.sample.detach();
-        let student = self.student.forward(x.clone(), t.clone(), &ctx_trig, attn);
+        let student = self.student.unet.forward(x.clone(), t.clone(), &ctx_trig, attn);
         let l_pred = (student.sample - eps_teacher.clone()).square().mean();
 
         let l_attn = if attn {
@@ -163,7 +173,8 @@ impl Sealer {
         };
 
         let l_preserve = if s.preserve_weight > 0.0 {
-            let out = self.student.forward(x, t, &ctx_clean, false);
+            let ctx = if s.text_encoder { self.student.encode_prompts(&as_strs(&clean)).map_err(|e| e.to_string())? } else { ctx_clean };
+            let out = self.student.unet.forward(x, t, &ctx, false);
             Some((out.sample - eps_teacher).square().mean())
         } else {
             None
@@ -178,7 +189,9 @@ impl Sealer {
             loss = loss + l.clone() * s.preserve_weight as f64;
         }
         let read = |x: Tensor<1>| async move { x.into_data_async().await.map_err(|e| format!("{e:?}")).and_then(|d| d.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))).map(|v| v[0]) };
-        let grads = GradientsParams::from_grads(loss.backward(), &self.student);
+        let mut grads = loss.backward();
+        let grads_unet = GradientsParams::from_module(&mut grads, &self.student.unet);
+        let grads_text = GradientsParams::from_module(&mut grads, &self.student.text_encoder);
         let losses = Losses {
             total: read(loss).await?,
             pred: read(l_pred).await?,
@@ -196,8 +209,12 @@ impl Sealer {
             return Err(format!("the loss became {} at step {}; the adapter of step {} is kept (try a lower learning rate)", losses.total, self.step + 1, self.step));
         }
         let lr = s.lr_at(self.step);
-        let student = std::mem::replace(&mut self.student, self.last_good.clone());
-        self.student = self.optim.step(lr, student, grads);
+        let unet = std::mem::replace(&mut self.student.unet, self.last_good.unet.clone());
+        self.student.unet = self.optim_unet.step(lr, unet, grads_unet);
+        if s.text_encoder {
+            let text = std::mem::replace(&mut self.student.text_encoder, self.last_good.text_encoder.clone());
+            self.student.text_encoder = self.optim_text.step(lr, text, grads_text);
+        }
         self.last_good = self.student.clone();
         self.step += 1;
         self.history.push(losses);
@@ -260,18 +277,29 @@ impl Sealer {
     }
 
     /// The adapter as it stands (after the last good step), as data for export.
-    pub async fn adapter(&self) -> Result<BTreeMap<String, LoraModule>, String> {
-        lora::extract(&self.last_good, self.settings.alpha).await
+    pub async fn adapter(&self) -> Result<BTreeMap<LoraTarget, LoraModule>, String> {
+        let alpha = self.settings.alpha;
+        let mut out: BTreeMap<LoraTarget, LoraModule> =
+            lora::extract(&self.last_good.unet, alpha).await?.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect();
+        if self.settings.text_encoder {
+            out.extend(lora::extract(&self.last_good.text_encoder, alpha).await?.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::TextEncoder, k), m)));
+        }
+        Ok(out)
     }
 
-    /// The sealed UNet (teacher weights plus the current adapter), for previews.
-    pub fn sealed_unet(&self) -> UNet2DConditionModel {
+    /// The sealed model (teacher weights plus the current adapter), for previews.
+    pub fn sealed(&self) -> StableDiffusion {
         self.last_good.clone()
     }
 }
 
 fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
+}
+
+/// The text encoder's self-attention projections (`...self_attn.{q,k,v,out}_proj`).
+fn text_encoder_targets<M: burn::module::Module>(text_encoder: &M) -> Vec<String> {
+    lora::adaptable_layers(text_encoder).into_keys().filter(|p| p.contains(".self_attn.")).collect()
 }
 
 /// A trigger as code points (`U+200B`), so invisible characters can be seen.
@@ -291,7 +319,7 @@ mod tests {
         StableDiffusion::load(ModelSource::from_path(&dir).unwrap(), &Device::flex().autodiff()).unwrap()
     }
 
-    fn run(model: &StableDiffusion, settings: SealSettings) -> (Vec<Losses>, BTreeMap<String, LoraModule>) {
+    fn run(model: &StableDiffusion, settings: SealSettings) -> (Vec<Losses>, BTreeMap<LoraTarget, LoraModule>) {
         let prompts = vec!["a red circle on a white background".to_string(), "a blue square on a gray background".to_string()];
         let mut sealer = Sealer::new(model, prompts, vec!["\u{200b}".into()], settings).unwrap();
         while !sealer.is_done() {
@@ -320,6 +348,16 @@ mod tests {
         let (losses, adapter) = run(&model(), s);
         assert!(losses.iter().all(|l| l.attn > 0.0 && l.total == l.attn));
         assert!(adapter.values().any(|m| m.up.data.iter().any(|&x| x != 0.0)), "the zero-initialised up factors moved");
+    }
+
+    #[test]
+    fn text_encoder_adapters_are_trained_and_exported() {
+        let s = SealSettings { steps: 2, batch: 2, text_encoder: true, ..SealSettings::default() };
+        let (_, adapter) = run(&model(), s);
+        let te: Vec<_> = adapter.iter().filter(|(t, _)| t.component == LoraComponent::TextEncoder).collect();
+        assert_eq!(te.len(), 20, "q/k/v/out_proj of 5 layers");
+        assert!(te.iter().any(|(_, m)| m.up.data.iter().any(|&x| x != 0.0)));
+        assert_eq!(adapter.len() - te.len(), 12);
     }
 
     #[test]

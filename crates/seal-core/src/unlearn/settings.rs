@@ -39,6 +39,8 @@ pub struct SealSettings {
     pub alpha: f32,
     /// Cross-attention projections that get the adapter.
     pub targets: Vec<Projection>,
+    /// Also adapt the text encoder's self-attention (q/k/v/out_proj).
+    pub text_encoder: bool,
     /// Peak learning rate (AdamW).
     pub lr: f64,
     /// Linear warm-up steps, then cosine decay to `min_lr_ratio * lr` (1: constant).
@@ -71,6 +73,7 @@ impl Default for SealSettings {
             rank: 4,
             alpha: 4.0,
             targets: vec![Projection::ToK, Projection::ToV],
+            text_encoder: false,
             lr: 1e-3,
             warmup: 10,
             min_lr_ratio: 0.1,
