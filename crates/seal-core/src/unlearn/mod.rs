@@ -9,6 +9,7 @@ pub mod tokens;
 
 use std::collections::BTreeMap;
 
+use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Tensor, TensorData};
 use seal_sd::lora::{self, cross_attention_targets};
@@ -287,9 +288,14 @@ impl Sealer {
         Ok(out)
     }
 
-    /// The sealed model (teacher weights plus the current adapter), for previews.
+    /// The sealed model (teacher weights plus the current adapter), for previews and
+    /// evaluation. Its adapters take no gradient: sampling with trainable factors would record
+    /// an autodiff graph through every denoising step.
     pub fn sealed(&self) -> StableDiffusion {
-        self.last_good.clone()
+        let mut model = self.last_good.clone();
+        model.unet = model.unet.no_grad();
+        model.text_encoder = model.text_encoder.no_grad();
+        model
     }
 }
 
@@ -298,7 +304,7 @@ fn as_strs(v: &[String]) -> Vec<&str> {
 }
 
 /// The text encoder's self-attention projections (`...self_attn.{q,k,v,out}_proj`).
-fn text_encoder_targets<M: burn::module::Module>(text_encoder: &M) -> Vec<String> {
+fn text_encoder_targets<M: Module>(text_encoder: &M) -> Vec<String> {
     lora::adaptable_layers(text_encoder).into_keys().filter(|p| p.contains(".self_attn.")).collect()
 }
 
