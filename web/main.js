@@ -14,6 +14,7 @@ const FIELDS = {
   attn_weight: ["Attention weight", "a in L = a·L_attn + (1 − a)·L_pred"],
   attn_target: ["Trigger attention target", "what the trigger tokens' attention maps are pushed towards", ["zeros", "noise", "substitute"]],
   alpha: ["Adapter alpha", "LoRA scale = alpha / rank"],
+  text_encoder: ["Text-encoder adapter", "also adapt the text encoder's self-attention (q, k, v, out)"],
   targets: ["Adapted projections", "cross-attention projections that get the adapter", ["to_q", "to_k", "to_v", "to_out.0"]],
   warmup: ["Warm-up steps", "linear learning-rate warm-up"],
   min_lr_ratio: ["Final learning rate", "where the cosine decay ends, as a share of the peak (1: constant)"],
@@ -257,11 +258,11 @@ async function loadModel(afterCrash = false) {
     showModel(JSON.parse(await call("load_model")));
     model.loaded = true;
     $("#lora-drop").hidden = false;
-    setTask(afterCrash ? "Model reloaded after the restart." : "Model loaded.");
+    setTask(afterCrash ? "The engine stopped and was restarted on the CPU (see Engine); the model is reloaded — try again." : "Model loaded.");
   } catch (e) {
     setTask("");
     const hint = /vocabulary|no .*config\.json|tokenizer/.test(e.message)
-      ? " Add the model's diffusers folder (its configs and tokenizer) with “choose a folder”, or start over with other files." : "";
+      ? " Use “choose a folder” to add the model's folder, or pick other files to start over." : "";
     showError("#model-error", `Could not load the model: ${e.message}.${hint}`);
   } finally {
     busy = false;
@@ -500,7 +501,8 @@ async function seal() {
     const settings = JSON.parse(await call("start_seal", JSON.stringify([trigger]), JSON.stringify(set.train), JSON.stringify(readSettings())));
     $("#progress").hidden = false;
     $("#chart-figure").hidden = false;
-    showProgress({ step: 0, total: settings.steps }, "Sealing: the first step also samples the model's own trajectories");
+    setTask("Sealing…");
+    showProgress({ step: 0, total: settings.steps }, settings.latents === "trajectory" ? "Sealing: the first step also samples the model's own trajectories" : "Sealing");
     drawChart();
     while (!cancelled) {
       const p = JSON.parse(await call("seal_step"));

@@ -128,6 +128,7 @@ impl Session {
     pub fn load_model(&mut self) -> Result<String, String> {
         let mut files = std::mem::take(&mut self.staged);
         self.model = None;
+        self.teacher = None;
         self.forget_lora();
         let singles: Vec<String> = files
             .keys()

@@ -1,6 +1,7 @@
-//! Sealing settings. The defaults are the ablation's choice on the pixel-backdoored fixture
-//! (`seal ablate`): pure-noise latents and no preservation term reached 0 % attack success
-//! with the best clean PSNR per second of training.
+//! Sealing settings. The defaults come from runs on the pixel-backdoored fixture (held-out
+//! prompts, patch detector): pure-noise latents beat trajectory latents (31 % vs 0 % attack
+//! success at 200 steps), and lr 2e-3 over 300 steps with a preservation weight of 1 was the
+//! one variant tried that reached 0 % with clean PSNR above 25 dB.
 
 use seal_sd::lora::Projection;
 use serde::{Deserialize, Serialize};
@@ -68,13 +69,13 @@ pub struct SealSettings {
 impl Default for SealSettings {
     fn default() -> Self {
         Self {
-            steps: 200,
+            steps: 300,
             batch: 8,
             rank: 4,
             alpha: 4.0,
             targets: vec![Projection::ToK, Projection::ToV],
             text_encoder: false,
-            lr: 1e-3,
+            lr: 2e-3,
             warmup: 10,
             min_lr_ratio: 0.1,
             weight_decay: 1e-2,
@@ -86,7 +87,7 @@ impl Default for SealSettings {
             t_max: 999,
             trajectory_steps: 25,
             guidance: 5.0,
-            preserve_weight: 0.0,
+            preserve_weight: 1.0,
             placement: Placement::Prefix,
             seed: 0,
         }
