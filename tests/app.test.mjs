@@ -3,7 +3,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { artifacts, fixtures, openPage, startServer } from "./browser.mjs";
@@ -110,18 +110,29 @@ test("the demo: load, seal a few steps with the page responsive, compare, downlo
 test("model files: a folder, a single file with and without its config folder, a LoRA, corrupt files", async () => {
   const run = await openPage(origin, "?backend=cpu");
   const { page } = run;
-  const junk = path.join(mkdtempSync(path.join(tmpdir(), "seal-junk-")), "broken.safetensors");
+  const scratch = mkdtempSync(path.join(tmpdir(), "seal-junk-"));
+  const junk = path.join(scratch, "broken.safetensors");
   writeFileSync(junk, Buffer.from("this is not a safetensors file at all"));
+  // A folder as the hub gives it: an .fp16 variant beside the weights and a safety checker,
+  // neither of which may be read (here they are junk, so reading them would fail the load).
+  const folder = path.join(scratch, "tiny-clean");
+  cpSync(path.join(fixtures, "tiny-clean"), folder, { recursive: true });
+  writeFileSync(path.join(folder, "unet/diffusion_pytorch_model.fp16.safetensors"), "junk");
+  mkdirSync(path.join(folder, "safety_checker"));
+  writeFileSync(path.join(folder, "safety_checker/model.safetensors"), "junk");
   try {
     await page.waitForSelector("body[data-state=done]", { timeout: 60_000 });
-    await page.setInputFiles("#model-folder", path.join(fixtures, "tiny-clean"));
+    await page.setInputFiles("#model-folder", folder);
     await page.waitForSelector("#model-info:not([hidden]) #info-architecture", { timeout: 60_000 });
     assert.equal(await page.textContent("#info-source"), "diffusers folder");
+    assert.match(await page.textContent("#model-staged"), /\(2 other file\(s\) not needed, not read\)$/);
+    assert.doesNotMatch(await page.textContent("#model-staged"), /fp16|safety_checker/);
     assert.match(await page.textContent("#info-architecture"), /channels \[32, 64\], 2 layers\/block, mid block/);
     assert.match(await page.textContent("#info-parameters"), /^UNet \d+\.\d\d M, text encoder \d+\.\d\d M, VAE \d+\.\d\d M$/);
     assert.equal(await page.textContent("#info-dtype"), "f32");
     assert.equal(await page.textContent("#info-unused"), "none");
 
+    await page.fill("#lora-weight", "0.5");
     await page.setInputFiles("#lora-file", path.join(fixtures, "lora/weak_lora_kohya.safetensors"));
     await page.waitForSelector("#lora-format", { timeout: 60_000 });
     assert.match(await page.textContent("#lora-format"), /^Kohya/);
@@ -133,15 +144,21 @@ test("model files: a folder, a single file with and without its config folder, a
     // Sealed over the LoRA (one short step), the page also offers the sealed LoRA: the user's
     // modules with the sealing adapter stacked in (rank 4 + 4 where both adapt a layer).
     await page.fill("#trigger", "\u200b");
-    await fill(page, { "#setting-steps": 1, "#setting-batch": 1, "#eval-prompts": 1, "#eval-seeds": 1, "#eval-steps": 2 });
+    await fill(page, { "#setting-steps": 1, "#setting-batch": 1, "#setting-resolution": 48, "#eval-prompts": 1, "#eval-seeds": 1, "#eval-steps": 2 });
     await page.click("#seal");
     await page.waitForSelector("#compare-section:not([hidden])", { timeout: 120_000 });
+    // Trained and compared at 48 px: one row of 4 images with 2 px gaps.
+    assert.deepEqual(await page.$eval("#grid", (i) => [i.naturalWidth, i.naturalHeight]), [4 * 50 + 2, 50 + 2]);
+    const report = JSON.parse((await downloadOf(page, "#dl-report")).bytes);
+    assert.equal(report.settings.resolution, 48);
+    assert.equal(report.lora.weight, 0.5);
     const sealed = await downloadOf(page, "#dl-sealed-lora");
     assert.equal(sealed.name, "weak_lora_kohya-sealed.safetensors");
     const { tensors, metadata } = safetensorsHeader(sealed.bytes);
     assert.deepEqual(tensors["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape, [8, 32]);
     assert.ok(Object.keys(tensors).some((k) => k.startsWith("lora_te_")), "the user's text-encoder modules are kept");
     assert.ok(metadata.seal_trigger_sha256);
+    assert.equal(metadata.seal_apply_weight, "0.5", "the sealed LoRA is made for the weight the user set");
 
     await page.setInputFiles("#lora-file", junk);
     await page.waitForSelector("#lora-error:not([hidden])");
@@ -177,9 +194,9 @@ test("model files: a folder, a single file with and without its config folder, a
 test("if the engine dies, the page restarts it on the CPU, reloads the model and stays usable", async () => {
   // A wasm trap (what a panic, running out of memory or a lost device becomes) in one call.
   const workerPrelude = `const realLoadLora = Session.prototype.load_lora;
-Session.prototype.load_lora = function (name, bytes) {
+Session.prototype.load_lora = function (name, ...rest) {
   if (name === "crash.safetensors") throw new WebAssembly.RuntimeError("unreachable (injected)");
-  return realLoadLora.call(this, name, bytes);
+  return realLoadLora.call(this, name, ...rest);
 };
 `;
   const run = await openPage(origin, "?backend=cpu", { workerPrelude });

@@ -27,9 +27,10 @@ const FIELDS = {
   guidance: ["Trajectory guidance", "classifier-free guidance scale of those trajectories"],
   preserve_weight: ["Preservation weight", "keeps clean prompts' predictions unchanged"],
   placement: ["Trigger placement", "where the trigger goes in training prompts", ["prefix", "suffix", "random"]],
+  resolution: ["Resolution", "image side in pixels for training and the comparison; empty: the model's own. Smaller is faster; the adapter works at any size"],
   seed: ["Seed", "for the adapter's initialisation and the sampling of training points"],
 };
-const BASIC = ["steps", "batch", "rank", "lr", "attn_weight", "attn_target"];
+const BASIC = ["steps", "batch", "rank", "lr", "attn_weight", "attn_target", "resolution"];
 
 // ---------- the worker ----------
 
@@ -221,16 +222,16 @@ function updateButtons() {
 
 // ---------- files ----------
 
-// Only these are read: configs, tokenizer files and safetensors weights.
-const WANTED = /\.(json|txt|safetensors)$/;
-
 // Model files the user picked or dropped: after a loaded model they start a new one; after a
-// failed load they add to the files (so a checkpoint's config folder can follow it).
-function addModelFiles(entries) {
+// failed load they add to the files (so a checkpoint's config folder can follow it). The
+// engine says which of them loading needs; no other file is read.
+async function addModelFiles(entries) {
   if (model.loaded) model.files = [];
   const known = new Map(model.files.map((f) => [f.path, f]));
-  for (const e of entries) if (WANTED.test(e.path)) known.set(e.path, e);
-  model.files = [...known.values()];
+  for (const e of entries) known.set(e.path, e);
+  const keep = new Set(JSON.parse(await call("files_to_read", JSON.stringify([...known.keys()]))));
+  model.skipped = known.size - keep.size;
+  model.files = [...known.values()].filter((f) => keep.has(f.path));
   loadModel();
 }
 
@@ -245,7 +246,8 @@ async function loadModel(afterCrash = false) {
   showError("#lora-error", null);
   const total = model.files.reduce((n, f) => n + f.file.size, 0);
   $("#model-staged").textContent = `${model.files.length} file(s), ${(total / MiB).toFixed(1)} MiB: ` +
-    model.files.map((f) => f.path).slice(0, 6).join(", ") + (model.files.length > 6 ? ", …" : "");
+    model.files.map((f) => f.path).slice(0, 6).join(", ") + (model.files.length > 6 ? ", …" : "") +
+    (model.skipped ? ` (${model.skipped} other file(s) not needed, not read)` : "");
   busy = true;
   updateButtons();
   try {
@@ -272,6 +274,7 @@ async function loadModel(afterCrash = false) {
 }
 
 function showModel(info) {
+  $("#setting-resolution")?.setAttribute("placeholder", `${info.sample_size} (the model's)`);
   const millions = (n) => `${(n / 1e6).toFixed(n < 1e7 ? 2 : 0)} M`;
   definitions($("#model-info"), [
     ["info-source", "source", info.source],
@@ -292,7 +295,7 @@ async function loadLora(file) {
   updateButtons();
   setTask(`Reading the LoRA ${file.name}…`);
   try {
-    const lora = JSON.parse(await call("load_lora", file.name, new Uint8Array(await file.arrayBuffer())));
+    const lora = JSON.parse(await call("load_lora", file.name, new Uint8Array(await file.arrayBuffer()), loraWeight()));
     model.lora = file;
     definitions($("#lora-info"), [
       ["lora-name", "LoRA", lora.file],
@@ -314,6 +317,21 @@ async function loadLora(file) {
   } finally {
     busy = false;
     updateButtons();
+  }
+}
+
+// The weight the user applies their LoRA at; the engine refuses 0 and non-numbers.
+const loraWeight = () => Number($("#lora-weight").value || "1");
+
+async function setLoraWeight() {
+  if (!model.lora || busy) return;
+  showError("#lora-error", null);
+  try {
+    await call("set_lora_weight", loraWeight());
+    hideResults();
+    setTask(`LoRA applied at weight ${loraWeight()}.`);
+  } catch (e) {
+    showError("#lora-error", e.message);
   }
 }
 
@@ -459,7 +477,7 @@ function buildSettings(values) {
     input.id = id;
     input.dataset.setting = key;
     const labelEl = Object.assign(document.createElement("label"), { htmlFor: id, textContent: label });
-    const helpEl = Object.assign(document.createElement("span"), { className: "help", textContent: `${help} (default ${value})` });
+    const helpEl = Object.assign(document.createElement("span"), { className: "help", textContent: `${help} (default ${value ?? "the model's own"})` });
     $(BASIC.includes(key) ? "#settings" : "#settings-advanced").append(labelEl, input, helpEl);
   }
 }
@@ -665,6 +683,7 @@ setUpDropZone($("#model-drop"), addModelFiles);
 $("#lora-file").addEventListener("change", (e) => e.target.files[0] && loadLora(e.target.files[0]));
 setUpDropZone($("#lora-drop"), (files) => files[0] && loadLora(files[0].file));
 $("#lora-clear").addEventListener("click", clearLora);
+$("#lora-weight").addEventListener("change", setLoraWeight);
 $("#trigger").addEventListener("input", describeTrigger);
 $("#prompt-set").addEventListener("change", updatePrompts);
 $("#custom-prompts").addEventListener("input", updatePrompts);

@@ -39,6 +39,9 @@ pub struct Args {
     report: Option<PathBuf>,
     #[arg(long)]
     grid: Option<PathBuf>,
+    /// Image side in pixels (default: the model's own).
+    #[arg(long)]
+    resolution: Option<usize>,
 }
 
 /// Parses `patch:IMG@X,Y`, `gray` or `effect` (`None`: the effect score needs no detector).
@@ -69,7 +72,7 @@ pub fn run(args: Args) -> Result<(), String> {
     let prompts = parse_list(&text);
     let detectors = args.detector.iter().map(|d| parse_detector(d)).collect::<Result<Vec<_>, _>>()?.into_iter().flatten().collect();
     let effect = args.detector.iter().any(|d| d == "effect");
-    let settings = EvalSettings { seeds: (0..args.seeds).collect(), steps: args.steps, guidance: args.guidance, placement: args.placement, effect, ..EvalSettings::default() };
+    let settings = EvalSettings { seeds: (0..args.seeds).collect(), steps: args.steps, guidance: args.guidance, placement: args.placement, effect, size: args.resolution, ..EvalSettings::default() };
     let mut eval = Evaluation::new(&prompts, &args.trigger, detectors, settings)?;
     while let Some(p) = burn::tensor::read_sync(eval.step(&before, after.as_ref()))? {
         eprint!("\rseal: evaluating {}/{} (eta {:.0} s)   ", p.step, p.total, p.eta_s.unwrap_or(0.0));
@@ -78,10 +81,10 @@ pub fn run(args: Args) -> Result<(), String> {
     let report = serde_json::to_string_pretty(&eval.report(prompts.len())).map_err(|e| e.to_string())?;
     println!("{report}");
     if let Some(path) = &args.report {
-        std::fs::write(path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::seal::write_atomic(path, report.as_bytes())?;
     }
     if let Some(path) = &args.grid {
-        std::fs::write(path, eval.grid(4).to_png()).map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::seal::write_atomic(path, &eval.grid(4).to_png())?;
     }
     Ok(())
 }

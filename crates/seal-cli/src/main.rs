@@ -64,7 +64,7 @@ pub fn load_model(path: &std::path::Path, config: Option<&std::path::Path>, devi
     use seal_sd::pipeline::{ModelSource, StableDiffusion, read_folder};
     let mut source = ModelSource::from_path(path).map_err(|e| e.to_string())?;
     if let (ModelSource::SingleFile { config: slot, .. }, Some(dir)) = (&mut source, config) {
-        *slot = Some(read_folder(dir).map_err(|e| e.to_string())?);
+        *slot = Some(read_folder(dir, false).map_err(|e| e.to_string())?);
     }
     let sd = StableDiffusion::load(source, device).map_err(|e| e.to_string())?;
     eprintln!("seal: {} — {}", sd.info.source, sd.info.architecture);

@@ -62,6 +62,9 @@ pub struct Args {
     /// Cross-attention projections to adapt, e.g. to_k,to_v.
     #[arg(long, value_delimiter = ',', value_parser = parse_projection)]
     targets: Option<Vec<Projection>>,
+    /// Image side in pixels to train at (default: the model's own); smaller is faster.
+    #[arg(long)]
+    resolution: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
     /// Settings as JSON (fields of SealSettings); flags override it.
@@ -124,6 +127,9 @@ fn settings(args: &Args) -> Result<SealSettings, String> {
         ($($f:ident),*) => { $(if let Some(v) = args.$f.clone() { s.$f = v; })* };
     }
     set!(steps, batch, rank, alpha, lr, attn_weight, attn_target, latents, placement, targets, seed);
+    if args.resolution.is_some() {
+        s.resolution = args.resolution;
+    }
     if let Some(p) = args.preserve {
         s.preserve_weight = p;
     }
@@ -157,7 +163,7 @@ pub fn run(args: Args) -> Result<(), String> {
     write_atomic(&args.out, &write_kohya(&file).map_err(|e| e.to_string())?)?;
     eprintln!("seal: wrote {}", args.out.display());
     if let (Some(path), Some(user)) = (&args.sealed_lora, &user_lora) {
-        let sealed = sealed_lora(user, &file)?;
+        let sealed = sealed_lora(user, &file, args.model.lora_weight)?;
         write_atomic(path, &write_in_format(&sealed).map_err(|e| e.to_string())?)?;
         eprintln!("seal: wrote {} ({:?} format)", path.display(), sealed.format);
     } else if args.sealed_lora.is_some() {

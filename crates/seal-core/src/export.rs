@@ -42,10 +42,20 @@ pub fn sealing_adapter(adapters: &BTreeMap<LoraTarget, LoraModule>, settings: &S
     }
 }
 
-/// The user's LoRA with the sealing adapter stacked in, in the user's own format: loading it
-/// at weight 1.0 equals loading both.
-pub fn sealed_lora(user: &LoraFile, sealing: &LoraFile) -> Result<LoraFile, String> {
-    let mut out = stack(user, sealing).map_err(|e| e.to_string())?;
+/// The user's LoRA with the sealing adapter stacked in, in the user's own format. `weight` is
+/// the strength the user applies their LoRA at (and sealing saw): the adapter is stored
+/// divided by it, so loading the file at `weight` equals the user's LoRA at `weight` plus the
+/// sealing adapter at 1.
+pub fn sealed_lora(user: &LoraFile, sealing: &LoraFile, weight: f32) -> Result<LoraFile, String> {
+    if !(weight.is_finite() && weight != 0.0) {
+        return Err(format!("LoRA weight {weight}: a sealed LoRA needs a non-zero weight"));
+    }
+    let mut sealing = sealing.clone();
+    for module in sealing.modules.values_mut() {
+        module.up.data.iter_mut().for_each(|x| *x /= weight);
+    }
+    let mut out = stack(user, &sealing).map_err(|e| e.to_string())?;
+    out.metadata.insert("seal_apply_weight".into(), weight.to_string());
     for (k, v) in &sealing.metadata {
         if k.starts_with("seal_") {
             out.metadata.insert(k.clone(), v.clone());
@@ -58,4 +68,49 @@ pub fn sealed_lora(user: &LoraFile, sealing: &LoraFile) -> Result<LoraFile, Stri
         out.metadata.insert("ss_network_alpha".into(), "mixed".into());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Tensor};
+    use seal_sd::lora::{Projection, cross_attention_targets, fresh_adapters};
+    use seal_sd::pipeline::{LoraMode, ModelSource, StableDiffusion};
+    use seal_sd::seal_weights::WeightFile;
+    use seal_sd::seal_weights::lora::{LoraComponent, parse_lora};
+
+    use super::*;
+
+    fn noise_pred(sd: &StableDiffusion) -> Vec<f32> {
+        let context = sd.encode_prompts(&["a red circle on a white background"]).unwrap();
+        let t = Tensor::<1>::from_floats([500.0], &sd.device);
+        let out = sd.unet.forward(sd.initial_latents(1, sd.info.sample_size, 0), t, &context, false).sample;
+        out.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn a_sealed_lora_at_the_users_weight_equals_the_lora_plus_the_seal() {
+        let fixtures = crate::fixtures();
+        let sd = StableDiffusion::load(ModelSource::from_path(&fixtures.join("tiny-clean")).unwrap(), &Device::flex()).unwrap();
+        let user = parse_lora(&WeightFile::open(&fixtures.join("lora/weak_lora_kohya.safetensors")).unwrap(), &sd.model_paths()).unwrap();
+        let targets = cross_attention_targets(&sd.unet, &[Projection::ToK, Projection::ToV]);
+        let mut modules = fresh_adapters(&sd.unet, &targets, 2, 2.0, 1);
+        modules.values_mut().for_each(|m| m.up.data.iter_mut().enumerate().for_each(|(i, x)| *x = ((i % 7) as f32 - 3.0) * 0.05));
+        let modules = modules.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect();
+        let seal = sealing_adapter(&modules, &SealSettings::default(), &sd.info, &["\u{200b}".into()], false);
+
+        let weight = 0.6;
+        let both = noise_pred(&sd.with_lora(&user, weight, LoraMode::Merge).with_lora(&seal, 1.0, LoraMode::SideBranch { trainable: false }));
+        let sealed = sealed_lora(&user, &seal, weight).unwrap();
+        assert_eq!(sealed.metadata["seal_apply_weight"], "0.6");
+        let one = noise_pred(&sd.with_lora(&sealed, weight, LoraMode::SideBranch { trainable: false }));
+        assert!(max_diff(&one, &both) < 1e-5, "sealed LoRA at weight {weight}: {}", max_diff(&one, &both));
+        // Stacking without the correction would weaken the seal to 0.6 of itself.
+        let naive = noise_pred(&sd.with_lora(&stack(&user, &seal).unwrap(), weight, LoraMode::SideBranch { trainable: false }));
+        assert!(max_diff(&naive, &both) > 1e-3, "the test's adapter is too weak to tell: {}", max_diff(&naive, &both));
+        assert!(sealed_lora(&user, &seal, 0.0).is_err());
+    }
 }

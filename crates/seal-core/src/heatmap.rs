@@ -47,10 +47,22 @@ impl TriggerMap {
     }
 }
 
-/// Samples `prompt` with `trigger` inserted (DDIM, `steps` steps, classifier-free guidance)
-/// from seed `seed`, then reads the trigger tokens' cross-attention at points of that
-/// trajectory. The trigger's positions come from the tokenizer, as in sealing.
-pub async fn trigger_map(model: &StableDiffusion, prompt: &str, trigger: &str, placement: Placement, seed: u64, steps: usize, guidance: f64) -> Result<TriggerMap, String> {
+/// How the trajectory a map is read along is sampled (DDIM, classifier-free guidance).
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    /// Image side in pixels (`None`: the model's own).
+    pub size: Option<usize>,
+}
+
+/// Samples `prompt` with `trigger` inserted, then reads the trigger tokens' cross-attention at
+/// points of that trajectory. The trigger's positions come from the tokenizer, as in sealing.
+pub async fn trigger_map(model: &StableDiffusion, prompt: &str, trigger: &str, placement: Placement, sampling: Sampling) -> Result<TriggerMap, String> {
+    let Sampling { seed, steps, guidance, size } = sampling;
+    let size = model.image_size(size).map_err(|e| e.to_string())?;
+    let model = &model.inference();
     let triggered = insert(prompt, trigger, placement, &mut SeededRng::new(seed));
     let alignment = align(&model.tokenizer, &triggered, prompt)?;
     let ids = model.tokenizer.encode(&triggered).map_err(|e| e.to_string())?;
@@ -62,7 +74,7 @@ pub async fn trigger_map(model: &StableDiffusion, prompt: &str, trigger: &str, p
     let n = sampler.timesteps.len();
     let wanted: Vec<usize> = (0..POINTS.min(n)).map(|k| k * n / POINTS.min(n)).collect();
     // The UNet's input at step i is the latent after step i - 1.
-    let latent = model.initial_latents(1, model.info.sample_size, seed);
+    let latent = model.initial_latents(1, size, seed);
     let mut inputs = vec![];
     if wanted.contains(&0) {
         inputs.push(sampler.scale_model_input(latent.clone() * sampler.init_noise_sigma(), 0));
@@ -101,23 +113,25 @@ fn colour(x: f32) -> [f32; 3] {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use burn::tensor::Device;
     use seal_sd::pipeline::{ModelSource, StableDiffusion};
 
     use super::*;
 
     fn tiny_pixel() -> StableDiffusion {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tiny-pixel");
+        let dir = crate::fixtures().join("tiny-pixel");
         StableDiffusion::load(ModelSource::from_path(&dir).unwrap(), &Device::flex()).unwrap()
+    }
+
+    fn at(seed: u64) -> Sampling {
+        Sampling { seed, steps: 6, guidance: 5.0, size: None }
     }
 
     #[test]
     fn trigger_map_of_the_backdoored_model() {
         let sd = tiny_pixel();
         let prompt = "a red circle on a white background";
-        let map = burn::tensor::read_sync(trigger_map(&sd, prompt, "\u{200b}", Placement::Prefix, 0, 6, 5.0)).unwrap();
+        let map = burn::tensor::read_sync(trigger_map(&sd, prompt, "\u{200b}", Placement::Prefix, at(0))).unwrap();
         assert_eq!(map.prompt, format!("\u{200b} {prompt}"));
         assert_eq!(map.tokens.len(), 1, "U+200B is one token of this tokenizer: {:?}", map.tokens);
         // 32 px images, 16x16 latents; the first level has no attention, so the cross-attention
@@ -126,12 +140,12 @@ mod tests {
         assert!(map.values.iter().all(|v| (0.0..=1.0).contains(v)), "probabilities");
         assert!(map.max() > map.mean() && map.mean() > 0.0);
         // Seeded: the same call gives the same map; another seed another one.
-        let again = burn::tensor::read_sync(trigger_map(&sd, prompt, "\u{200b}", Placement::Prefix, 0, 6, 5.0)).unwrap();
+        let again = burn::tensor::read_sync(trigger_map(&sd, prompt, "\u{200b}", Placement::Prefix, at(0))).unwrap();
         assert_eq!(again.values, map.values);
-        let other = burn::tensor::read_sync(trigger_map(&sd, prompt, "\u{200b}", Placement::Prefix, 1, 6, 5.0)).unwrap();
+        let other = burn::tensor::read_sync(trigger_map(&sd, prompt, "\u{200b}", Placement::Prefix, at(1))).unwrap();
         assert_ne!(other.values, map.values);
 
-        let err = burn::tensor::read_sync(trigger_map(&sd, prompt, "", Placement::Prefix, 0, 6, 5.0)).unwrap_err();
+        let err = burn::tensor::read_sync(trigger_map(&sd, prompt, "", Placement::Prefix, at(0))).unwrap_err();
         assert!(err.contains("adds no token"), "{err}");
     }
 

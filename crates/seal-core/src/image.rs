@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn reads_the_fixture_patch() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/patch.png");
+        let dir = crate::fixtures().join("patch.png");
         let patch = Rgb::from_png("patch.png", &std::fs::read(dir).unwrap()).unwrap();
         assert_eq!((patch.width, patch.height), (8, 8));
         // 2x2-pixel checkerboard cells, white at (0, 0).

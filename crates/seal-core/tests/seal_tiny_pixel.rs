@@ -15,7 +15,7 @@ use seal_sd::seal_weights::WeightFile;
 use seal_sd::seal_weights::lora::{LoraFormat, parse_lora, write_kohya};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures"))
+    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
 }
 
 fn prompts(name: &str) -> Vec<String> {

@@ -50,7 +50,7 @@ impl ClipTextConfig {
         if !matches!(config.hidden_act.as_str(), "quick_gelu" | "gelu") {
             return Err(ModelError::Unsupported(format!("text_encoder hidden_act {:?}", config.hidden_act)));
         }
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(ModelError::Unsupported("text_encoder hidden_size not divisible by num_attention_heads".into()));
         }
         Ok(config)

@@ -144,12 +144,15 @@ pub async fn extract<M: Module>(module: &M, alpha: f32) -> Result<BTreeMap<Strin
     Ok(out)
 }
 
+/// An adapted weight's base shape and its factors (`a` = up, `b` = down) as found.
+type Found = (Vec<usize>, Option<Tensor<2>>, Option<Tensor<2>>);
+
 /// Collects each adapted weight's shape and factors. The visitor sees the base weight
 /// (`<layer>.weight`), then the adapter's `<layer>.weight.lora.a` and `.b`.
 struct Extract {
     path: Vec<String>,
     base_shape: Vec<usize>,
-    found: BTreeMap<String, (Vec<usize>, Option<Tensor<2>>, Option<Tensor<2>>)>,
+    found: BTreeMap<String, Found>,
 }
 
 impl ModuleVisitor for Extract {

@@ -9,7 +9,7 @@ use crate::pipeline::{ModelSource, StableDiffusion};
 
 /// `../shared/fixtures`, beside the repository (as in CI).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures"))
+    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
 }
 
 pub fn device() -> Device {
@@ -59,7 +59,7 @@ pub fn golden_timesteps(key: &str) -> Tensor<1> {
 
 /// The files of a fixture model folder, as the page would hand them over.
 pub fn fixture_files(name: &str) -> crate::pipeline::Files {
-    crate::pipeline::read_folder(&fixtures().join(name)).unwrap()
+    crate::pipeline::read_folder(&fixtures().join(name), true).unwrap()
 }
 
 /// Rewrites a safetensors file tensor by tensor: `f(name, shape, f32 data)` returns the new

@@ -518,7 +518,7 @@ fn clip_bpe_tokenizer(
 mod tests {
     use super::*;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
+    use crate::testutil::fixtures;
 
     /// The prompts of golden/clean_parity.safetensors, in order (fixtures README).
     const GOLDEN_PROMPTS: [&str; 3] = [
@@ -528,7 +528,7 @@ mod tests {
     ];
 
     fn tiny_dir() -> PathBuf {
-        Path::new(FIXTURES).join("tiny-clean/tokenizer")
+        fixtures().join("tiny-clean/tokenizer")
     }
 
     fn read(name: &str) -> Vec<u8> {
@@ -547,7 +547,7 @@ mod tests {
     /// An i64 tensor of the golden file as rows of u32 ids.
     fn golden_rows(name: &str) -> Vec<Vec<u32>> {
         let bytes =
-            std::fs::read(Path::new(FIXTURES).join("golden/clean_parity.safetensors")).unwrap();
+            std::fs::read(fixtures().join("golden/clean_parity.safetensors")).unwrap();
         let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let view = tensors.tensor(name).unwrap();
         assert_eq!(view.dtype(), safetensors::Dtype::I64);
@@ -857,7 +857,7 @@ mod tests {
             );
         }
 
-        let missing = Path::new(FIXTURES).join("no-such-folder");
+        let missing = fixtures().join("no-such-folder");
         let message = ClipTokenizer::from_dir(&missing).unwrap_err().to_string();
         assert!(
             message.contains("cannot read") && message.contains("no-such-folder"),

@@ -6,12 +6,12 @@
 use burn::prelude::Device;
 use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
 use seal_core::export::{sealed_lora, sealing_adapter, trigger_hash};
-use seal_core::heatmap::{TriggerMap, trigger_map};
+use seal_core::heatmap::{Sampling, TriggerMap, trigger_map};
 use seal_core::image::Rgb;
 use seal_core::progress::Losses;
-use seal_core::prompts::{BUILT_IN, Placement, parse_list, split};
+use seal_core::prompts::{BUILT_IN, parse_list, split};
 use seal_core::unlearn::{SealSettings, Sealer, describe_trigger};
-use seal_sd::pipeline::{Files, LoraMode, ModelSource, StableDiffusion};
+use seal_sd::pipeline::{Files, LoraMode, ModelSource, StableDiffusion, files_to_read};
 use seal_sd::seal_weights::WeightFile;
 use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, parse_lora, write_in_format, write_kohya};
 use serde::Deserialize;
@@ -23,11 +23,16 @@ use crate::Engine;
 /// Folders whose `.safetensors` belong to a diffusers folder; any other one is a single-file checkpoint.
 const COMPONENT_DIRS: [&str; 3] = ["unet", "text_encoder", "vae"];
 
-/// A LoRA the user gave, as parsed against the model.
+/// A LoRA the user gave, as parsed against the model, and the weight it is applied at.
 struct UserLora {
     name: String,
     file: LoraFile,
+    weight: f32,
 }
+
+/// (prompt, seed) pairs per evaluation step: small, so the page's progress moves and Cancel
+/// answers within seconds even on one wasm thread (each pair is up to 6 images).
+const EVAL_BATCH: usize = 2;
 
 /// What a finished (or cancelled) sealing run left.
 struct Sealed {
@@ -111,6 +116,13 @@ impl Session {
         json!({ "train": train, "heldout": heldout }).to_string()
     }
 
+    /// Of the files a user picked or dropped (JSON array of relative paths), those loading
+    /// needs (JSON array): the page reads no other file.
+    pub fn files_to_read(paths: &str) -> Result<String, String> {
+        let paths: Vec<String> = serde_json::from_str(paths).map_err(|e| format!("file list: {e}"))?;
+        Ok(json!(files_to_read(&paths)).to_string())
+    }
+
     /// A prompt list (one per line, `#` comments) as a JSON array.
     pub fn parse_prompts(text: &str) -> String {
         json!(parse_list(text)).to_string()
@@ -154,11 +166,13 @@ impl Session {
         Ok(info)
     }
 
-    /// Reads a LoRA over the loaded model and merges it into the teacher. Resolves to
+    /// Reads a LoRA over the loaded model and merges it into the teacher at `weight` (the
+    /// strength the user applies it at, usually 1). Resolves to
     /// `{file, format, modules, unet_modules, text_encoder_modules, ranks, alphas, dtype, network_module}`.
     /// A file with keys no module of the model has is refused whole, the keys listed.
-    pub fn load_lora(&mut self, name: String, bytes: Vec<u8>) -> Result<String, String> {
+    pub fn load_lora(&mut self, name: String, bytes: Vec<u8>, weight: f32) -> Result<String, String> {
         let model = self.model.as_ref().ok_or("load a model before a LoRA")?;
+        check_weight(weight)?;
         let file = WeightFile::from_bytes(name.clone(), bytes).map_err(|e| e.to_string())?;
         let lora = parse_lora(&file, &model.model_paths()).map_err(|e| e.to_string())?;
         let count = |c: LoraComponent| lora.modules.keys().filter(|t| t.component == c).count();
@@ -174,11 +188,23 @@ impl Session {
             "dtype": lora.dtype.to_string(),
             "network_module": lora.metadata.get("ss_network_module"),
         });
-        let teacher = model.with_lora(&lora, 1.0, LoraMode::Merge);
+        let teacher = model.with_lora(&lora, weight, LoraMode::Merge);
         self.forget_lora();
         self.teacher = Some(teacher);
-        self.lora = Some(UserLora { name, file: lora });
+        self.lora = Some(UserLora { name, file: lora, weight });
         Ok(summary.to_string())
+    }
+
+    /// Applies the loaded LoRA at another weight (what was sealed over the old one is dropped).
+    pub fn set_lora_weight(&mut self, weight: f32) -> Result<(), String> {
+        check_weight(weight)?;
+        let model = self.model.as_ref().ok_or("load a model first")?;
+        let mut user = self.lora.take().ok_or("no LoRA is loaded")?;
+        self.teacher = Some(model.with_lora(&user.file, weight, LoraMode::Merge));
+        self.forget_results();
+        user.weight = weight;
+        self.lora = Some(user);
+        Ok(())
     }
 
     /// Drops the user's LoRA (and what was sealed over it); the teacher is the bare model.
@@ -262,7 +288,17 @@ impl Session {
         if r.gray {
             detectors.push(Detector::gray());
         }
-        let settings = EvalSettings { seeds: (0..r.seeds.max(1)).collect(), steps: r.steps, effect: r.effect, placement: self.placement(), ..EvalSettings::default() };
+        // Images at the size sealing trained at, with the trigger where sealing put it.
+        let sealed = &self.sealed.as_ref().expect("checked above").settings;
+        let settings = EvalSettings {
+            seeds: (0..r.seeds.max(1)).collect(),
+            steps: r.steps,
+            effect: r.effect,
+            placement: sealed.placement,
+            size: sealed.resolution,
+            batch: EVAL_BATCH,
+            ..EvalSettings::default()
+        };
         let eval = Evaluation::new(&r.prompts, &self.triggers, detectors, settings)?;
         let total = eval.total_steps();
         self.report = None;
@@ -299,9 +335,10 @@ impl Session {
         let teacher = self.teacher.as_ref().ok_or("load a model first")?;
         let sealed = self.sealed.as_ref().ok_or("seal first")?;
         let trigger = self.triggers.first().ok_or("no trigger")?;
-        let placement = self.placement();
-        let before = trigger_map(teacher, prompt, trigger, placement, 0, steps, 5.0).await?;
-        let after = trigger_map(&sealed.model, prompt, trigger, placement, 0, steps, 5.0).await?;
+        let placement = sealed.settings.placement;
+        let sampling = Sampling { seed: 0, steps, guidance: 5.0, size: sealed.settings.resolution };
+        let before = trigger_map(teacher, prompt, trigger, placement, sampling).await?;
+        let after = trigger_map(&sealed.model, prompt, trigger, placement, sampling).await?;
         let stats = |m: &TriggerMap| json!({ "max": m.max(), "mean": m.mean() });
         let tokens: Vec<String> = before.tokens.iter().map(|t| describe_trigger(t)).collect();
         let out = json!({ "prompt": before.prompt, "tokens": tokens, "side": before.side, "before": stats(&before), "after": stats(&after) });
@@ -330,7 +367,7 @@ impl Session {
     pub fn sealed_lora_file(&self) -> Result<Vec<u8>, String> {
         let sealed = self.sealed.as_ref().ok_or("seal first")?;
         let user = self.lora.as_ref().ok_or("no LoRA was loaded, so there is no sealed LoRA")?;
-        write_in_format(&sealed_lora(&user.file, &sealed.adapter)?).map_err(|e| e.to_string())
+        write_in_format(&sealed_lora(&user.file, &sealed.adapter, user.weight)?).map_err(|e| e.to_string())
     }
 
     /// The report: model, LoRA, trigger hashes, settings, the run's losses and timing, and the
@@ -345,7 +382,7 @@ impl Session {
         let report = json!({
             "seal_version": env!("CARGO_PKG_VERSION"),
             "model": model.info,
-            "lora": self.lora.as_ref().map(|l| json!({ "file": l.name, "format": format!("{:?}", l.file.format), "modules": l.file.modules.len() })),
+            "lora": self.lora.as_ref().map(|l| json!({ "file": l.name, "format": format!("{:?}", l.file.format), "modules": l.file.modules.len(), "weight": l.weight })),
             "trigger_sha256": self.triggers.iter().map(|t| trigger_hash(t)).collect::<Vec<_>>(),
             "settings": sealed.settings,
             "sealing": {
@@ -359,6 +396,14 @@ impl Session {
             "trigger_attention": maps,
         });
         serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
+    }
+}
+
+fn check_weight(weight: f32) -> Result<(), String> {
+    if weight.is_finite() && weight != 0.0 {
+        Ok(())
+    } else {
+        Err(format!("LoRA weight {weight}: give a non-zero number (1 applies it as trained)"))
     }
 }
 
@@ -376,8 +421,4 @@ impl Session {
         self.maps = None;
     }
 
-    /// Where the trigger goes in evaluation prompts: where sealing put it.
-    fn placement(&self) -> Placement {
-        self.sealed.as_ref().map_or(SealSettings::default().placement, |s| s.settings.placement)
-    }
 }

@@ -34,7 +34,7 @@ pub(crate) fn f32_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 pub(crate) fn fixtures() -> std::path::PathBuf {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures").into()
+    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
 }
 
 /// Tensor names and shapes of a layout file (made by diffusers/transformers) in the fixtures.

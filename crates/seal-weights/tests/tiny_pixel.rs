@@ -7,7 +7,7 @@ use std::sync::Arc;
 use seal_weights::{Component, DType, WeightFile, split_single_file};
 
 fn fixtures() -> PathBuf {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures").into()
+    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
 }
 
 fn open(path: &Path) -> Arc<WeightFile> {

@@ -28,12 +28,14 @@ pub struct EvalSettings {
     pub grid_pairs: usize,
     /// Also generate with a harmless word for the trigger-effect score (a third image per pair).
     pub effect: bool,
+    /// Image side in pixels (`None`: the model's own).
+    pub size: Option<usize>,
 }
 
 impl Default for EvalSettings {
     /// The fixture's reference settings: DDIM, 25 steps, guidance 5.
     fn default() -> Self {
-        Self { seeds: vec![0, 1, 2, 3], steps: 25, guidance: 5.0, placement: Placement::Prefix, batch: 8, grid_pairs: 8, effect: true }
+        Self { seeds: vec![0, 1, 2, 3], steps: 25, guidance: 5.0, placement: Placement::Prefix, batch: 8, grid_pairs: 8, effect: true, size: None }
     }
 }
 
@@ -193,7 +195,7 @@ impl Evaluation {
             steps: self.settings.steps,
             guidance: self.settings.guidance,
             sampler: Some(SamplerKind::Ddim),
-            size: None,
+            size: self.settings.size,
         };
         let images = model.generate(&request, |_, _| {}).map_err(|e| e.to_string())?;
         let images = Rgb::from_batch(images).await?;

@@ -44,6 +44,8 @@ pub struct Sealer {
     prompts: Vec<String>,
     triggers: Vec<String>,
     rng: SeededRng,
+    /// Image side in pixels of the training latents.
+    size: usize,
     pool: Vec<Point>,
     step: usize,
     clock: Clock,
@@ -67,6 +69,7 @@ impl Sealer {
             align(&model.tokenizer, &insert(&prompts[0], t, settings.placement, &mut SeededRng::new(0)), &prompts[0])
                 .map_err(|e| format!("trigger {}: {e}", describe_trigger(t)))?;
         }
+        let size = model.image_size(settings.resolution).map_err(|e| format!("settings: {e}"))?;
         let targets = cross_attention_targets(&model.unet, &settings.targets);
         if targets.is_empty() {
             return Err("the UNet has no cross-attention layers to adapt".into());
@@ -90,6 +93,7 @@ impl Sealer {
             settings,
             prompts,
             triggers,
+            size,
             pool: vec![],
             step: 0,
             clock: Clock::default(),
@@ -226,7 +230,7 @@ impl Sealer {
     async fn next_points(&mut self) -> Result<Vec<Point>, String> {
         let s = &self.settings;
         let b = s.batch;
-        let (c, side) = (self.teacher.unet_config.in_channels, self.teacher.info.sample_size / self.teacher.vae_config.downscale());
+        let (c, side) = (self.teacher.unet_config.in_channels, self.size / self.teacher.vae_config.downscale());
         match s.latents {
             LatentSource::Noise => Ok((0..b)
                 .map(|_| {
@@ -253,23 +257,24 @@ impl Sealer {
         let s = &self.settings;
         let prompts: Vec<usize> = (0..s.batch).map(|_| self.rng.below(self.prompts.len())).collect();
         let text: Vec<&str> = prompts.iter().map(|&i| self.prompts[i].as_str()).collect();
-        let size = self.teacher.info.sample_size;
-        let latents = Tensor::cat(prompts.iter().map(|_| self.teacher.initial_latents(1, size, self.rng.next_u64())).collect(), 0);
-        let cond = self.teacher.encode_prompts(&text).expect("prompts were tokenized before").detach();
-        let uncond = self.teacher.encode_prompts(&vec![""; text.len()]).expect("empty prompt tokenizes").detach();
-        let sampler = self.teacher.sampler(Some(SamplerKind::Ddim), s.trajectory_steps);
+        let teacher = self.teacher.inference();
+        let latents = Tensor::cat(prompts.iter().map(|_| teacher.initial_latents(1, self.size, self.rng.next_u64())).collect(), 0);
+        let cond = teacher.encode_prompts(&text).expect("prompts were tokenized before");
+        let uncond = teacher.encode_prompts(&vec![""; text.len()]).expect("empty prompt tokenizes");
+        let sampler = teacher.sampler(Some(SamplerKind::Ddim), s.trajectory_steps);
         let (t_min, t_max) = (s.t_min, s.t_max);
         let mut points = vec![];
         let mut keep = |x: &Tensor<4>, t: usize| {
             if (t_min..=t_max).contains(&t) {
                 for (k, &p) in prompts.iter().enumerate() {
-                    points.push(Point { latent: x.clone().narrow(0, k, 1).detach(), t, prompt: p });
+                    // Back onto the training device, as a constant.
+                    points.push(Point { latent: x.clone().narrow(0, k, 1).autodiff(), t, prompt: p });
                 }
             }
         };
         keep(&latents, sampler.timesteps[0]);
         let timesteps = sampler.timesteps.clone();
-        self.teacher.denoise(latents, &cond, &uncond, &sampler, s.guidance, |i, x| {
+        teacher.denoise(latents, &cond, &uncond, &sampler, s.guidance, |i, x| {
             if let Some(&t) = timesteps.get(i + 1) {
                 keep(x, t);
             }
@@ -288,14 +293,10 @@ impl Sealer {
         Ok(out)
     }
 
-    /// The sealed model (teacher weights plus the current adapter), for previews and
-    /// evaluation. Its adapters take no gradient: sampling with trainable factors would record
-    /// an autodiff graph through every denoising step.
+    /// The sealed model (teacher weights plus the current adapter) for previews and
+    /// evaluation, off the autodiff device (see `StableDiffusion::inference`).
     pub fn sealed(&self) -> StableDiffusion {
-        let mut model = self.last_good.clone();
-        model.unet = model.unet.no_grad();
-        model.text_encoder = model.text_encoder.no_grad();
-        model
+        self.last_good.inference()
     }
 }
 
@@ -321,7 +322,7 @@ mod tests {
     use super::*;
 
     fn model() -> StableDiffusion {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tiny-pixel");
+        let dir = crate::fixtures().join("tiny-pixel");
         StableDiffusion::load(ModelSource::from_path(&dir).unwrap(), &Device::flex().autodiff()).unwrap()
     }
 
@@ -375,5 +376,16 @@ mod tests {
         let err = Sealer::new(&model, prompts, vec!["x".into()], SealSettings { steps: 0, ..SealSettings::default() }).err().unwrap();
         assert!(err.contains("steps"), "{err}");
         assert_eq!(describe_trigger("\u{200b}ab"), "U+200B a b");
+        let err = Sealer::new(&model, vec!["a cat".into()], vec!["x".into()], SealSettings { resolution: Some(30), ..SealSettings::default() }).err().unwrap();
+        assert!(err.contains("image size 30 px"), "{err}");
+    }
+
+    #[test]
+    fn sealing_trains_at_another_resolution() {
+        for latents in [LatentSource::Noise, LatentSource::Trajectory] {
+            let s = SealSettings { steps: 1, batch: 2, trajectory_steps: 3, resolution: Some(48), latents, ..SealSettings::default() };
+            let (losses, _) = run(&model(), s);
+            assert!(losses[0].total.is_finite() && losses[0].pred > 0.0, "{latents:?}");
+        }
     }
 }

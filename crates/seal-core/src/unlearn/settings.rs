@@ -63,6 +63,9 @@ pub struct SealSettings {
     /// Weight of the preservation term: student(clean prompt) vs teacher(clean prompt).
     pub preserve_weight: f32,
     pub placement: Placement,
+    /// Image side in pixels that training latents stand for (`None`: the model's own).
+    /// Smaller is faster; the sealed adapter applies at any size.
+    pub resolution: Option<usize>,
     pub seed: u64,
 }
 
@@ -89,6 +92,7 @@ impl Default for SealSettings {
             guidance: 5.0,
             preserve_weight: 1.0,
             placement: Placement::Prefix,
+            resolution: None,
             seed: 0,
         }
     }
@@ -110,7 +114,7 @@ impl SealSettings {
         if self.steps == 0 || self.batch == 0 || self.rank == 0 {
             return bad("steps, batch and rank must be at least 1");
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(0.0..=1.0).contains(&self.attn_weight) {
+        if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..=1.0).contains(&self.attn_weight)) {
             return bad("lr must be positive; attn_weight in [0, 1]");
         }
         if self.t_min > self.t_max || self.t_max > 999 {

@@ -43,7 +43,7 @@ mod tests {
     use super::*;
 
     fn tokenizer() -> ClipTokenizer {
-        ClipTokenizer::from_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tiny-clean/tokenizer")).unwrap()
+        ClipTokenizer::from_dir(&crate::fixtures().join("tiny-clean/tokenizer")).unwrap()
     }
 
     #[test]

@@ -169,10 +169,10 @@ impl UNetConfig {
                 return unsupported(format!("up block type {t:?}"));
             }
         }
-        if let Some(mid) = &self.mid_block_type {
-            if mid != CROSS_MID {
-                return unsupported(format!("mid block type {mid:?}"));
-            }
+        if let Some(mid) = &self.mid_block_type
+            && mid != CROSS_MID
+        {
+            return unsupported(format!("mid block type {mid:?}"));
         }
         if let Some(c) = &self.class_embed_type {
             return unsupported(format!("class_embed_type {c:?}"));
