@@ -20,7 +20,7 @@ const FIELDS = {
   min_lr_ratio: ["Final learning rate", "where the cosine decay ends, as a share of the peak (1: constant)"],
   weight_decay: ["Weight decay", "AdamW weight decay"],
   use_attn_loss: ["Attention guidance", "off: train on the prediction loss alone (for comparison)"],
-  latents: ["Training latents", "points on the model's own sampling trajectories, or pure noise", ["trajectory", "noise"]],
+  latents: ["Training latents", "pure noise at a random timestep; points on the model's clean sampling trajectories; or on the sealed model's own triggered ones", ["noise", "trajectory", "student"]],
   t_min: ["Lowest timestep", "training timesteps are drawn from [lowest, highest]"],
   t_max: ["Highest timestep", "at most 999"],
   trajectory_steps: ["Trajectory steps", "DDIM steps of the teacher's trajectories"],
@@ -520,7 +520,7 @@ async function seal() {
     $("#progress").hidden = false;
     $("#chart-figure").hidden = false;
     setTask("Sealing…");
-    showProgress({ step: 0, total: settings.steps }, settings.latents === "trajectory" ? "Sealing: the first step also samples the model's own trajectories" : "Sealing");
+    showProgress({ step: 0, total: settings.steps }, settings.latents !== "noise" ? "Sealing: the first step also samples trajectories" : "Sealing");
     drawChart();
     while (!cancelled) {
       const p = JSON.parse(await call("seal_step"));

@@ -1,8 +1,9 @@
 //! `seal bench`: wall time of UNet forwards and whole generations on the CPU backend, and the
 //! process's peak memory, written as JSON. Sizes: the tiny fixture, and a BK-SDM-tiny-shaped
-//! model with random weights at 256x256 (the realistic browser target); and sealing steps.
+//! model with random weights at 256x256 (the realistic browser target); and sealing steps on
+//! both.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::prelude::Device;
@@ -83,15 +84,11 @@ fn measure(name: &str, sd: &StableDiffusion, size: usize, load_s: f64, repeats: 
     })
 }
 
-/// Seconds per sealing step (default settings) on the pixel-backdoored fixture, measured over
-/// `steps` steps after one warm-up step, and the projected time of a whole default seal.
-fn sealing(fixtures: &Path, steps: usize) -> Result<Value, String> {
-    let device = Device::flex().autodiff();
-    let model = crate::load_model(&fixtures.join("tiny-pixel"), None, &device)?;
-    let prompts = parse_list(&std::fs::read_to_string(fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);
-    let settings = SealSettings::default();
-    let mut sealer = Sealer::new(&model, prompts, vec!["\u{200b}".into()], settings.clone())?;
-    eprintln!("bench: sealing steps on tiny-pixel");
+/// Seconds per sealing step of `model` (on an autodiff device), measured over `steps` steps
+/// after one warm-up step, and the projected time of a whole seal with these settings.
+fn sealing(name: &str, model: &StableDiffusion, prompts: Vec<String>, trigger: &str, settings: SealSettings, steps: usize) -> Result<Value, String> {
+    let mut sealer = Sealer::new(model, prompts, vec![trigger.into()], settings.clone())?;
+    eprintln!("bench: {name}: sealing steps");
     let start = Instant::now();
     burn::tensor::read_sync(sealer.step())?;
     let first = start.elapsed().as_secs_f64();
@@ -101,7 +98,7 @@ fn sealing(fixtures: &Path, steps: usize) -> Result<Value, String> {
     }
     let per_step = start.elapsed().as_secs_f64() / steps as f64;
     Ok(json!({
-        "model": "tiny-pixel fixture",
+        "model": name,
         "settings": settings,
         "first_step_s": first,
         "step_s": per_step,
@@ -113,7 +110,10 @@ fn sealing(fixtures: &Path, steps: usize) -> Result<Value, String> {
 pub fn run(args: Args) -> Result<(), String> {
     let device = Device::flex();
     let mut results = vec![];
-    let seal = sealing(&args.fixtures, 20)?;
+    let pixel = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device.clone().autodiff())?;
+    let prompts = parse_list(&std::fs::read_to_string(args.fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);
+    let mut seals = vec![sealing("tiny-pixel fixture", &pixel, prompts.clone(), "\u{200b}", SealSettings::default(), 20)?];
+    drop(pixel);
 
     let start = Instant::now();
     let tiny = crate::load_model(&args.fixtures.join("tiny-clean"), None, &device)?;
@@ -127,19 +127,25 @@ pub fn run(args: Args) -> Result<(), String> {
     let tokenizer = ClipTokenizer::openai_clip().map_err(|e| e.to_string())?;
     let bk = StableDiffusion::random(&unet, &ClipTextConfig::vit_l14(), &VaeConfig::sd(), tokenizer, &device);
     results.push(measure("BK-SDM-tiny shape, random weights", &bk, 256, start.elapsed().as_secs_f64(), args.repeats.min(3)));
+    drop(bk);
+    // What a real small model costs to seal on the CPU: default settings but 2 prompts per step.
+    let tokenizer = ClipTokenizer::openai_clip().map_err(|e| e.to_string())?;
+    let bk = StableDiffusion::random(&unet, &ClipTextConfig::vit_l14(), &VaeConfig::sd(), tokenizer, &device.clone().autodiff());
+    let settings = SealSettings { batch: 2, resolution: Some(256), ..SealSettings::default() };
+    seals.push(sealing("BK-SDM-tiny shape, random weights, 256x256", &bk, prompts, "cf", settings, 2)?);
 
     let report = json!({
         "backend": "flex (CPU)",
         "threads": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "results": results,
-        "sealing": seal,
+        "sealing": seals,
         "peak_rss_mib": peak_rss_mib(),
     });
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-    std::fs::write(&args.out, &text).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    crate::seal::write_atomic(&args.out, text.as_bytes())?;
     println!("{text}");
     Ok(())
 }

@@ -48,7 +48,7 @@ pub struct Args {
     /// zeros, noise or substitute.
     #[arg(long, value_parser = parse_target)]
     attn_target: Option<AttnTarget>,
-    /// noise or trajectory.
+    /// noise, trajectory or student.
     #[arg(long, value_parser = parse_latents)]
     latents: Option<LatentSource>,
     /// Weight of the clean-prompt preservation term.
@@ -90,7 +90,7 @@ fn parse_target(s: &str) -> Result<AttnTarget, String> {
     serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: expected zeros, noise or substitute"))
 }
 fn parse_latents(s: &str) -> Result<LatentSource, String> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: expected noise or trajectory"))
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: expected noise, trajectory or student"))
 }
 fn parse_projection(s: &str) -> Result<Projection, String> {
     serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: expected to_q, to_k, to_v or to_out.0"))

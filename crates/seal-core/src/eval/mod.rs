@@ -107,6 +107,7 @@ impl Tally {
 }
 
 /// One (prompt, seed) pair's three prompts: clean, triggered, and with a harmless word.
+#[derive(Clone)]
 struct Pair {
     seed: u64,
     clean: String,
@@ -120,6 +121,8 @@ pub struct Evaluation {
     settings: EvalSettings,
     detectors: Vec<Detector>,
     cursor: usize,
+    /// The original model's images per pair (clean, triggered[, control]), when kept for `again`.
+    before_images: Option<Vec<Vec<Rgb>>>,
     before: Tally,
     after: Tally,
     psnrs: Vec<f64>,
@@ -148,7 +151,31 @@ impl Evaluation {
                 });
             }
         }
-        Ok(Self { pairs, settings, detectors, cursor: 0, before: Tally::default(), after: Tally::default(), psnrs: vec![], grid: vec![], clock: Clock::default() })
+        Ok(Self { pairs, settings, detectors, cursor: 0, before_images: None, before: Tally::default(), after: Tally::default(), psnrs: vec![], grid: vec![], clock: Clock::default() })
+    }
+
+    /// Keeps the original model's images, so `again` can judge other adapters against them
+    /// without generating them twice (memory: 2-3 images per pair).
+    pub fn keeping_before(mut self) -> Self {
+        self.before_images = Some(vec![]);
+        self
+    }
+
+    /// A fresh evaluation of the same pairs that reuses the kept "before" images generated so
+    /// far: call `step` with the same original model.
+    pub fn again(&self) -> Self {
+        Self {
+            pairs: self.pairs.clone(),
+            settings: self.settings.clone(),
+            detectors: self.detectors.clone(),
+            cursor: 0,
+            before_images: self.before_images.clone(),
+            before: Tally::default(),
+            after: Tally::default(),
+            psnrs: vec![],
+            grid: vec![],
+            clock: Clock::default(),
+        }
     }
 
     pub fn total_steps(&self) -> usize {
@@ -162,29 +189,38 @@ impl Evaluation {
         }
         let end = (self.cursor + self.settings.batch.max(1)).min(self.pairs.len());
         let chunk = &self.pairs[self.cursor..end];
-        let b = self.generate(before, chunk).await?;
+        let b = match &self.before_images {
+            Some(kept) if kept.len() >= end => kept[self.cursor..end].to_vec(),
+            _ => self.generate(before, chunk).await?,
+        };
         let a = match after {
             Some(model) => Some(self.generate(model, chunk).await?),
             None => None,
         };
         for (k, i) in (self.cursor..end).enumerate() {
-            self.before.add(&self.detectors, &b[0][k], &b[1][k], b[2].get(k));
-            if let Some(a) = &a {
-                self.after.add(&self.detectors, &a[0][k], &a[1][k], a[2].get(k));
-                self.psnrs.push(psnr(&a[0][k], &b[0][k]));
+            let b = &b[k];
+            self.before.add(&self.detectors, &b[0], &b[1], b.get(2));
+            let a = a.as_ref().map(|a| &a[k]);
+            if let Some(a) = a {
+                self.after.add(&self.detectors, &a[0], &a[1], a.get(2));
+                self.psnrs.push(psnr(&a[0], &b[0]));
             }
             if i < self.settings.grid_pairs {
-                let after_images = a.as_ref().map(|a| (a[0][k].clone(), a[1][k].clone()));
-                self.grid.push([Some(b[0][k].clone()), Some(b[1][k].clone()), after_images.as_ref().map(|x| x.0.clone()), after_images.map(|x| x.1)]);
+                self.grid.push([Some(b[0].clone()), Some(b[1].clone()), a.map(|a| a[0].clone()), a.map(|a| a[1].clone())]);
             }
+        }
+        if let Some(kept) = &mut self.before_images
+            && kept.len() < end
+        {
+            kept.extend(b);
         }
         self.cursor = end;
         let step = self.cursor.div_ceil(self.settings.batch.max(1));
         Ok(Some(self.clock.progress(Task::Evaluate, step, self.total_steps(), None)))
     }
 
-    /// [clean, triggered, control (when `effect`)] images of `chunk`, in order.
-    async fn generate(&self, model: &StableDiffusion, chunk: &[Pair]) -> Result<[Vec<Rgb>; 3], String> {
+    /// Per pair of `chunk`: [clean, triggered, control (when `effect`)] images.
+    async fn generate(&self, model: &StableDiffusion, chunk: &[Pair]) -> Result<Vec<Vec<Rgb>>, String> {
         let per = if self.settings.effect { 3 } else { 2 };
         let prompts: Vec<String> = chunk.iter().flat_map(|p| [p.clean.clone(), p.triggered.clone(), p.control.clone()].into_iter().take(per)).collect();
         let seeds: Vec<u64> = chunk.iter().flat_map(|p| vec![p.seed; per]).collect();
@@ -199,11 +235,7 @@ impl Evaluation {
         };
         let images = model.generate(&request, |_, _| {}).map_err(|e| e.to_string())?;
         let images = Rgb::from_batch(images).await?;
-        let mut out: [Vec<Rgb>; 3] = Default::default();
-        for (i, img) in images.into_iter().enumerate() {
-            out[i % per].push(img);
-        }
-        Ok(out)
+        Ok(images.chunks(per).map(<[Rgb]>::to_vec).collect())
     }
 
     pub fn report(&self, prompts: usize) -> EvalReport {
@@ -227,5 +259,41 @@ impl Evaluation {
         let cols = if self.grid.iter().any(|r| r[2].is_some()) { 4 } else { 2 };
         let tiles: Vec<Rgb> = self.grid.iter().flat_map(|r| r.iter().take(cols).flatten().map(|i| i.upscale(zoom))).collect();
         Rgb::grid(&tiles, cols, 2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, read_sync};
+    use seal_sd::pipeline::ModelSource;
+
+    use super::*;
+
+    fn load(name: &str) -> StableDiffusion {
+        StableDiffusion::load(ModelSource::from_path(&crate::fixtures().join(name)).unwrap(), &Device::flex()).unwrap()
+    }
+
+    fn finish(eval: &mut Evaluation, before: &StableDiffusion, after: &StableDiffusion) -> EvalReport {
+        while read_sync(eval.step(before, Some(after))).unwrap().is_some() {}
+        eval.report(2)
+    }
+
+    #[test]
+    fn again_reuses_the_kept_original_images() {
+        let (pixel, clean) = (load("tiny-pixel"), load("tiny-clean"));
+        let prompts = ["a red circle on a white background".to_string(), "a blue square".to_string()];
+        let settings = EvalSettings { seeds: vec![0, 1], steps: 3, batch: 3, ..EvalSettings::default() };
+        let mut first = Evaluation::new(&prompts, &["\u{200b}".into()], vec![Detector::gray()], settings).unwrap().keeping_before();
+        let report = finish(&mut first, &pixel, &clean);
+        // Given another "original" model, the second run still judges the first one's images.
+        let mut second = first.again();
+        let again = finish(&mut second, &clean, &clean);
+        let json = |v: &EvalReport| serde_json::to_value(v).unwrap();
+        assert_eq!(json(&again), json(&report));
+        assert_eq!(second.grid(1), first.grid(1));
+        // Without kept images, the other model is really sampled: clean vs clean is identical.
+        let mut fresh = Evaluation::new(&prompts, &["\u{200b}".into()], vec![Detector::gray()], first.settings.clone()).unwrap();
+        assert_eq!(finish(&mut fresh, &clean, &clean).clean_psnr_db_min, Some(100.0));
+        assert!(report.clean_psnr_db_min.unwrap() < 100.0);
     }
 }

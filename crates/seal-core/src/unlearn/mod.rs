@@ -242,7 +242,7 @@ impl Sealer {
                     }
                 })
                 .collect()),
-            LatentSource::Trajectory => {
+            LatentSource::Trajectory | LatentSource::Student => {
                 while self.pool.len() < b {
                     self.refill_pool();
                 }
@@ -251,17 +251,26 @@ impl Sealer {
         }
     }
 
-    /// Samples `batch` clean prompts with the teacher (DDIM, classifier-free guidance) and
-    /// keeps every latent along the way whose timestep is in range.
+    /// Samples `batch` prompts (DDIM, classifier-free guidance) and keeps every latent along
+    /// the way whose timestep is in range: clean prompts with the teacher, or triggered ones
+    /// with the student as it stands.
     fn refill_pool(&mut self) {
         let s = &self.settings;
         let prompts: Vec<usize> = (0..s.batch).map(|_| self.rng.below(self.prompts.len())).collect();
-        let text: Vec<&str> = prompts.iter().map(|&i| self.prompts[i].as_str()).collect();
-        let teacher = self.teacher.inference();
-        let latents = Tensor::cat(prompts.iter().map(|_| teacher.initial_latents(1, self.size, self.rng.next_u64())).collect(), 0);
-        let cond = teacher.encode_prompts(&text).expect("prompts were tokenized before");
-        let uncond = teacher.encode_prompts(&vec![""; text.len()]).expect("empty prompt tokenizes");
-        let sampler = teacher.sampler(Some(SamplerKind::Ddim), s.trajectory_steps);
+        let (model, text): (StableDiffusion, Vec<String>) = match s.latents {
+            LatentSource::Student => {
+                let text = prompts.iter().map(|&i| {
+                    let trigger = &self.triggers[self.rng.below(self.triggers.len())];
+                    insert(&self.prompts[i], trigger, s.placement, &mut SeededRng::new(self.rng.next_u64()))
+                });
+                (self.student.inference(), text.collect())
+            }
+            _ => (self.teacher.inference(), prompts.iter().map(|&i| self.prompts[i].clone()).collect()),
+        };
+        let latents = Tensor::cat(prompts.iter().map(|_| model.initial_latents(1, self.size, self.rng.next_u64())).collect(), 0);
+        let cond = model.encode_prompts(&as_strs(&text)).expect("prompts were tokenized before");
+        let uncond = model.encode_prompts(&vec![""; text.len()]).expect("empty prompt tokenizes");
+        let sampler = model.sampler(Some(SamplerKind::Ddim), s.trajectory_steps);
         let (t_min, t_max) = (s.t_min, s.t_max);
         let mut points = vec![];
         let mut keep = |x: &Tensor<4>, t: usize| {
@@ -274,7 +283,7 @@ impl Sealer {
         };
         keep(&latents, sampler.timesteps[0]);
         let timesteps = sampler.timesteps.clone();
-        teacher.denoise(latents, &cond, &uncond, &sampler, s.guidance, |i, x| {
+        model.denoise(latents, &cond, &uncond, &sampler, s.guidance, |i, x| {
             if let Some(&t) = timesteps.get(i + 1) {
                 keep(x, t);
             }
@@ -382,7 +391,7 @@ mod tests {
 
     #[test]
     fn sealing_trains_at_another_resolution() {
-        for latents in [LatentSource::Noise, LatentSource::Trajectory] {
+        for latents in [LatentSource::Noise, LatentSource::Trajectory, LatentSource::Student] {
             let s = SealSettings { steps: 1, batch: 2, trajectory_steps: 3, resolution: Some(48), latents, ..SealSettings::default() };
             let (losses, _) = run(&model(), s);
             assert!(losses[0].total.is_finite() && losses[0].pred > 0.0, "{latents:?}");

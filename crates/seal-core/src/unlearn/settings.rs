@@ -16,6 +16,9 @@ pub enum LatentSource {
     Noise,
     /// Points on the teacher's own DDIM sampling trajectory for the clean prompt.
     Trajectory,
+    /// Points on the student's own DDIM sampling trajectory for the triggered prompt (on
+    /// policy: where the sealed model actually goes when it sees the trigger).
+    Student,
 }
 
 /// What the trigger tokens' normalised cross-attention maps are pushed towards.
