@@ -636,6 +636,9 @@ function showScores(report) {
   for (const name of report.detectors) {
     rows.push([`attack success (${name})`, pct(report.before.attack_success[name]), pct(report.after?.attack_success[name]), `asr-${name}`]);
     rows.push([`false trigger (${name})`, pct(report.before.false_trigger[name]), pct(report.after?.false_trigger[name]), `fp-${name}`]);
+    if (report.settings.effect) {
+      rows.push([`harmless word instead (${name})`, pct(report.before.control_fires[name]), pct(report.after?.control_fires[name]), `ctrl-${name}`]);
+    }
   }
   if (report.settings.effect) {
     rows.push(["trigger effect rate", pct(report.before.trigger_effect_rate), pct(report.after?.trigger_effect_rate), "effect-rate"]);

@@ -46,12 +46,12 @@ fn variants(steps: usize) -> Vec<(&'static str, SealSettings)> {
     };
     vec![
         ("default", base.clone()),
-        ("no L_attn", with(&|s| s.use_attn_loss = false)),
         ("target noise", with(&|s| s.attn_target = AttnTarget::Noise)),
         ("target substitute", with(&|s| s.attn_target = AttnTarget::Substitute)),
+        ("no L_attn", with(&|s| s.use_attn_loss = false)),
+        ("preservation 0.5", with(&|s| s.preserve_weight = 0.5)),
         ("latents trajectory", with(&|s| s.latents = LatentSource::Trajectory)),
         ("latents student", with(&|s| s.latents = LatentSource::Student)),
-        ("preservation 0.5", with(&|s| s.preserve_weight = 0.5)),
         ("paper-like (no L_attn, constant lr)", with(&|s| {
             s.use_attn_loss = false;
             s.min_lr_ratio = 1.0;

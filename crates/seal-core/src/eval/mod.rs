@@ -46,6 +46,9 @@ pub struct ModelScores {
     pub attack_success: BTreeMap<String, f64>,
     /// Share of clean generations where each detector fires.
     pub false_trigger: BTreeMap<String, f64>,
+    /// (Only with `effect`.) Share of generations with a harmless word in the trigger's place
+    /// where each detector fires: the floor a leaky backdoor sets for any inserted word.
+    pub control_fires: BTreeMap<String, f64>,
     /// (Only with `effect`.) Mean RMS change the trigger causes divided by the mean change a harmless word causes
     /// (same seed, same position). Near 1: the trigger acts like any word.
     pub trigger_effect_ratio: f64,
@@ -72,6 +75,7 @@ pub struct EvalReport {
 struct Tally {
     fired_trig: BTreeMap<String, usize>,
     fired_clean: BTreeMap<String, usize>,
+    fired_ctrl: BTreeMap<String, usize>,
     trig_rms: f64,
     ctrl_rms: f64,
     effect_hits: usize,
@@ -83,6 +87,9 @@ impl Tally {
         for d in detectors {
             *self.fired_trig.entry(d.name()).or_default() += d.score(trig).1 as usize;
             *self.fired_clean.entry(d.name()).or_default() += d.score(clean).1 as usize;
+            if let Some(ctrl) = ctrl {
+                *self.fired_ctrl.entry(d.name()).or_default() += d.score(ctrl).1 as usize;
+            }
         }
         if let Some(ctrl) = ctrl {
             let (t, c) = (rms(trig, clean), rms(ctrl, clean));
@@ -99,6 +106,7 @@ impl Tally {
         ModelScores {
             attack_success: share(&self.fired_trig),
             false_trigger: share(&self.fired_clean),
+            control_fires: share(&self.fired_ctrl),
             trigger_effect_ratio: self.trig_rms / self.ctrl_rms.max(1e-9),
             trigger_effect_rate: self.effect_hits as f64 / n,
             pairs: self.pairs,
@@ -276,6 +284,26 @@ mod tests {
     fn finish(eval: &mut Evaluation, before: &StableDiffusion, after: &StableDiffusion) -> EvalReport {
         while read_sync(eval.step(before, Some(after))).unwrap().is_some() {}
         eval.report(2)
+    }
+
+    #[test]
+    fn detectors_also_judge_the_harmless_word_images() {
+        let white = |w, h| Rgb { width: w, height: h, data: vec![1.0; w * h * 3] };
+        let blank = Rgb { width: 4, height: 4, data: vec![0.0; 48] };
+        let mut marked = blank.clone();
+        for y in 0..2 {
+            for x in 0..2 {
+                marked.data[(y * 4 + x) * 3..][..3].fill(1.0);
+            }
+        }
+        let detectors = [Detector::patch(white(2, 2), 0, 0)];
+        let mut tally = Tally::default();
+        tally.add(&detectors, &blank, &marked, Some(&marked));
+        tally.add(&detectors, &blank, &marked, Some(&blank));
+        let scores = tally.scores();
+        assert_eq!(scores.attack_success["patch@0,0"], 1.0);
+        assert_eq!(scores.false_trigger["patch@0,0"], 0.0);
+        assert_eq!(scores.control_fires["patch@0,0"], 0.5);
     }
 
     #[test]
