@@ -1,7 +1,8 @@
 //! Sealing settings. The defaults come from runs on the pixel-backdoored fixture (held-out
-//! prompts, patch detector): pure-noise latents beat trajectory latents (31 % vs 0 % attack
-//! success at 200 steps), and lr 2e-3 over 300 steps with a preservation weight of 1 was the
-//! one variant tried that reached 0 % with clean PSNR above 25 dB.
+//! prompts x 4 seeds, patch detector; `seal ablate`): pure-noise latents beat the teacher's
+//! and the student's trajectories, lr 2e-3 over 300 steps with a preservation weight of 1 keeps
+//! clean PSNR above 25 dB, and uniform noise as the trigger tokens' attention target left 1 of
+//! 160 triggered images with the patch where all-zero maps left 2.
 
 use seal_sd::lora::Projection;
 use serde::{Deserialize, Serialize};
@@ -87,7 +88,7 @@ impl Default for SealSettings {
             weight_decay: 1e-2,
             attn_weight: 0.5,
             use_attn_loss: true,
-            attn_target: AttnTarget::Zeros,
+            attn_target: AttnTarget::Noise,
             latents: LatentSource::Noise,
             t_min: 0,
             t_max: 999,
