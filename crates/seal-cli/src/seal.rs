@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::Device;
-use seal_core::export::{sealed_lora, sealing_adapter};
+use seal_core::export::{check_lora_weight, sealed_lora, sealing_adapter};
 use seal_core::prompts::{BUILT_IN, Placement, parse_list};
 use seal_core::unlearn::{AttnTarget, LatentSource, SealSettings, Sealer, describe_trigger};
 use seal_sd::lora::Projection;
@@ -111,6 +111,7 @@ impl ModelArgs {
         match &self.lora {
             None => Ok((sd, None)),
             Some(path) => {
+                check_lora_weight(self.lora_weight).map_err(|e| format!("--lora-weight: {e}"))?;
                 let lora = read_lora(path, &sd)?;
                 Ok((sd.with_lora(&lora, self.lora_weight, LoraMode::Merge), Some(lora)))
             }

@@ -42,14 +42,22 @@ pub fn sealing_adapter(adapters: &BTreeMap<LoraTarget, LoraModule>, settings: &S
     }
 }
 
+/// A user LoRA's weight must be finite and non-zero: sealing merges the LoRA at it, and the
+/// sealed LoRA divides the adapter by it.
+pub fn check_lora_weight(weight: f32) -> Result<(), String> {
+    if weight.is_finite() && weight != 0.0 {
+        Ok(())
+    } else {
+        Err(format!("LoRA weight {weight}: give a non-zero number (1 applies it as trained)"))
+    }
+}
+
 /// The user's LoRA with the sealing adapter stacked in, in the user's own format. `weight` is
 /// the strength the user applies their LoRA at (and sealing saw): the adapter is stored
 /// divided by it, so loading the file at `weight` equals the user's LoRA at `weight` plus the
 /// sealing adapter at 1.
 pub fn sealed_lora(user: &LoraFile, sealing: &LoraFile, weight: f32) -> Result<LoraFile, String> {
-    if !(weight.is_finite() && weight != 0.0) {
-        return Err(format!("LoRA weight {weight}: a sealed LoRA needs a non-zero weight"));
-    }
+    check_lora_weight(weight)?;
     let mut sealing = sealing.clone();
     for module in sealing.modules.values_mut() {
         module.up.data.iter_mut().for_each(|x| *x /= weight);

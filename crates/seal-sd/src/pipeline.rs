@@ -44,6 +44,26 @@ impl ModelSource {
             Ok(Self::SingleFile { name: file_name(path), bytes, config: None })
         }
     }
+
+    /// What the files a user gave are (relative paths, as `files_to_read` kept them): a
+    /// diffusers folder, or one `.safetensors` checkpoint outside any component folder, with a
+    /// diffusers folder beside it for configs and tokenizer.
+    pub fn from_files(mut files: Files) -> Result<Self, ModelError> {
+        let in_component = |p: &str| p.split('/').rev().nth(1).is_some_and(|dir| COMPONENT_DIRS.contains(&dir));
+        let singles: Vec<String> = files.keys().filter(|p| p.ends_with(".safetensors") && !in_component(p)).cloned().collect();
+        match singles.as_slice() {
+            [] if files.is_empty() => Err(ModelError::Missing("no model files were given".into())),
+            [] => Ok(Self::Folder(files)),
+            [name] => {
+                let bytes = files.remove(name).expect("listed");
+                // The folder's own weights are not needed for its configs.
+                files.retain(|p, _| !p.ends_with(".safetensors"));
+                let config = (!files.is_empty()).then_some(files);
+                Ok(Self::SingleFile { name: name.rsplit('/').next().unwrap_or(name).to_string(), bytes, config })
+            }
+            many => Err(ModelError::Missing(format!("{} checkpoints were given ({}); give one, or a diffusers folder", many.len(), many.join(", ")))),
+        }
+    }
 }
 
 fn file_name(path: &Path) -> String {
@@ -583,6 +603,24 @@ mod tests {
         // The fixture folder loads the same through it.
         let native = read_folder(&fixtures().join("tiny-clean"), false).unwrap();
         assert!(!native.is_empty() && native.keys().all(|k| !k.ends_with(".safetensors")));
+    }
+
+    #[test]
+    fn given_files_are_a_folder_or_one_checkpoint_with_its_configs() {
+        let file = |names: &[&str]| names.iter().map(|n| (n.to_string(), vec![0u8])).collect::<Files>();
+        let folder = file(&["m/unet/config.json", "m/unet/diffusion_pytorch_model.safetensors", "m/vae/diffusion_pytorch_model.safetensors"]);
+        assert!(matches!(ModelSource::from_files(folder).unwrap(), ModelSource::Folder(f) if f.len() == 3));
+        match ModelSource::from_files(file(&["ckpt/model.safetensors", "m/unet/config.json", "m/unet/diffusion_pytorch_model.safetensors"])).unwrap() {
+            ModelSource::SingleFile { name, config: Some(config), .. } => {
+                assert_eq!(name, "model.safetensors");
+                assert_eq!(config.keys().collect::<Vec<_>>(), ["m/unet/config.json"]);
+            }
+            _ => panic!("a checkpoint with its folder"),
+        }
+        assert!(matches!(ModelSource::from_files(file(&["a.safetensors"])).unwrap(), ModelSource::SingleFile { config: None, .. }));
+        let err = ModelSource::from_files(file(&["a.safetensors", "b.safetensors"])).err().unwrap().to_string();
+        assert_eq!(err, "2 checkpoints were given (a.safetensors, b.safetensors); give one, or a diffusers folder");
+        assert_eq!(ModelSource::from_files(Files::new()).err().unwrap().to_string(), "no model files were given");
     }
 
     #[test]

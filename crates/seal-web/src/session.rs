@@ -5,7 +5,7 @@
 
 use burn::prelude::Device;
 use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
-use seal_core::export::{sealed_lora, sealing_adapter, trigger_hash};
+use seal_core::export::{check_lora_weight, sealed_lora, sealing_adapter, trigger_hash};
 use seal_core::heatmap::{Sampling, TriggerMap, trigger_map};
 use seal_core::image::Rgb;
 use seal_core::progress::Losses;
@@ -19,9 +19,6 @@ use serde_json::json;
 use wasm_bindgen::prelude::*;
 
 use crate::Engine;
-
-/// Folders whose `.safetensors` belong to a diffusers folder; any other one is a single-file checkpoint.
-const COMPONENT_DIRS: [&str; 3] = ["unet", "text_encoder", "vae"];
 
 /// A LoRA the user gave, as parsed against the model, and the weight it is applied at.
 struct UserLora {
@@ -138,27 +135,11 @@ impl Session {
     /// `.safetensors` checkpoint, with a diffusers folder beside it for configs and tokenizer.
     /// Resolves to the `ModelInfo` JSON. Everything derived from a previous model is dropped.
     pub fn load_model(&mut self) -> Result<String, String> {
-        let mut files = std::mem::take(&mut self.staged);
+        let files = std::mem::take(&mut self.staged);
         self.model = None;
         self.teacher = None;
         self.forget_lora();
-        let singles: Vec<String> = files
-            .keys()
-            .filter(|p| p.ends_with(".safetensors") && !p.split('/').rev().nth(1).is_some_and(|dir| COMPONENT_DIRS.contains(&dir)))
-            .cloned()
-            .collect();
-        let source = match singles.as_slice() {
-            [] if files.is_empty() => return Err("no model files were given".into()),
-            [] => ModelSource::Folder(files),
-            [name] => {
-                let bytes = files.remove(name).expect("listed");
-                // The folder's own weights are not needed for its configs.
-                files.retain(|p, _| !p.ends_with(".safetensors"));
-                let config = (!files.is_empty()).then_some(files);
-                ModelSource::SingleFile { name: name.rsplit('/').next().unwrap_or(name).to_string(), bytes, config }
-            }
-            many => return Err(format!("{} checkpoints were given ({}); give one, or a diffusers folder", many.len(), many.join(", "))),
-        };
+        let source = ModelSource::from_files(files).map_err(|e| e.to_string())?;
         let model = StableDiffusion::load(source, &self.device).map_err(|e| e.to_string())?;
         let info = json(&model.info)?;
         self.teacher = Some(model.clone());
@@ -172,7 +153,7 @@ impl Session {
     /// A file with keys no module of the model has is refused whole, the keys listed.
     pub fn load_lora(&mut self, name: String, bytes: Vec<u8>, weight: f32) -> Result<String, String> {
         let model = self.model.as_ref().ok_or("load a model before a LoRA")?;
-        check_weight(weight)?;
+        check_lora_weight(weight)?;
         let file = WeightFile::from_bytes(name.clone(), bytes).map_err(|e| e.to_string())?;
         let lora = parse_lora(&file, &model.model_paths()).map_err(|e| e.to_string())?;
         let count = |c: LoraComponent| lora.modules.keys().filter(|t| t.component == c).count();
@@ -197,7 +178,7 @@ impl Session {
 
     /// Applies the loaded LoRA at another weight (what was sealed over the old one is dropped).
     pub fn set_lora_weight(&mut self, weight: f32) -> Result<(), String> {
-        check_weight(weight)?;
+        check_lora_weight(weight)?;
         let model = self.model.as_ref().ok_or("load a model first")?;
         let mut user = self.lora.take().ok_or("no LoRA is loaded")?;
         self.teacher = Some(model.with_lora(&user.file, weight, LoraMode::Merge));
@@ -396,14 +377,6 @@ impl Session {
             "trigger_attention": maps,
         });
         serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
-    }
-}
-
-fn check_weight(weight: f32) -> Result<(), String> {
-    if weight.is_finite() && weight != 0.0 {
-        Ok(())
-    } else {
-        Err(format!("LoRA weight {weight}: give a non-zero number (1 applies it as trained)"))
     }
 }
 
