@@ -52,7 +52,28 @@ test("the demo: load, seal a few steps with the page responsive, compare, downlo
     await page.click("#advanced summary");
     await fill(page, { "#setting-trajectory_steps": 8 });
     await page.click("#advanced summary");
+    assert.ok(await page.isChecked("#mode input[value=both]"), "instant, then thorough by default");
+    assert.ok(await page.$("#setting-instant-lambda"), "the instant seal's settings come from the engine");
     await shot(page, "app-1-demo-loaded");
+
+    // The instant seal: seconds, a verdict said plainly, an adapter with the edit, exact: its
+    // rank is at most the tiny model's text width (32), here 31 (layer-norm outputs differ
+    // only within a 31-dimensional subspace).
+    await page.check("#mode input[value=instant]");
+    await page.click("#seal");
+    await page.waitForSelector("#compare-section:not([hidden])", { timeout: 240_000 });
+    assert.match(await page.textContent("#verdict"), /^Made by the instant seal\. (Sealed: |The backdoor survived: |The trigger did not fire)/);
+    assert.ok(["true", "false", "unknown"].includes(await page.getAttribute("#verdict", "data-survived")));
+    assert.ok(await page.isHidden("#chart-figure"), "no loss chart without training steps");
+    const instant = await downloadOf(page, "#dl-adapter");
+    const instantFile = safetensorsHeader(instant.bytes);
+    assert.equal(instantFile.metadata.seal_mode, "instant");
+    assert.equal(JSON.parse(instantFile.metadata.seal_instant).layers[`down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`].relative_error, 0);
+    const [instantRank, width] = instantFile.tensors["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape;
+    assert.ok(width === 32 && instantRank >= 30 && instantRank <= 32, `rank ${instantRank}, width ${width}`);
+    assert.ok(!("seal_settings" in instantFile.metadata), "no thorough settings in an instant adapter");
+    await shot(page, "app-1b-instant");
+    await page.check("#mode input[value=both]");
 
     await page.click("#seal");
     await page.waitForSelector("#progress-text[data-step='1']", { timeout: 120_000 });
@@ -83,7 +104,10 @@ test("the demo: load, seal a few steps with the page responsive, compare, downlo
     assert.match(adapter.name, /^tiny-pixel-sealing-adapter\.safetensors$/);
     const { tensors, metadata } = safetensorsHeader(adapter.bytes);
     const key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k";
-    assert.deepEqual(tensors[`${key}.lora_down.weight`].shape, [4, 32]);
+    // The instant edit and the thorough adapter trained from it (rank 4), stacked.
+    assert.deepEqual(tensors[`${key}.lora_down.weight`].shape, [instantRank + 4, 32]);
+    assert.equal(metadata.seal_mode, "both");
+    assert.deepEqual([metadata.ss_network_dim, metadata.ss_network_alpha], [String(instantRank + 4), String(instantRank + 4)]);
     assert.ok(`${key}.alpha` in tensors && `${key}.lora_up.weight` in tensors);
     assert.equal(metadata.ss_network_module, "networks.lora");
     const sha = createHash("sha256").update("\u200b").digest("hex");
@@ -91,13 +115,16 @@ test("the demo: load, seal a few steps with the page responsive, compare, downlo
     assert.equal(JSON.parse(metadata.seal_settings).steps, 3);
 
     const report = JSON.parse((await downloadOf(page, "#dl-report")).bytes);
-    assert.equal(report.sealing.steps_done, 3);
+    assert.equal(report.sealing.thorough_steps_done, 3);
+    assert.equal(report.recipe.mode, "both");
+    assert.equal(Object.keys(report.recipe.instant.layers).length, 12);
+    assert.ok(report.verdict.message.length > 0);
     assert.equal(report.sealing.losses.length, 3);
     assert.deepEqual(report.trigger_sha256, [sha]);
     assert.equal(report.evaluation.after.pairs, 2);
     assert.ok(await page.isHidden("#dl-sealed-lora"), "no LoRA, so no sealed LoRA");
 
-    const seconds = report.sealing.seconds / report.sealing.steps_done;
+    const seconds = report.sealing.seconds / report.sealing.thorough_steps_done;
     const peak = Number(await page.getAttribute("#memory", "data-peak"));
     console.log(`# browser (CPU backend): ${seconds.toFixed(2)} s per sealing step (mean of 3, batch 2), wasm heap peak ${(peak / 2 ** 20).toFixed(0)} MiB`);
     assert.deepEqual(run.errors, []);
@@ -144,6 +171,7 @@ test("model files: a folder, a single file with and without its config folder, a
     // Sealed over the LoRA (one short step), the page also offers the sealed LoRA: the user's
     // modules with the sealing adapter stacked in (rank 4 + 4 where both adapt a layer).
     await page.fill("#trigger", "\u200b");
+    await page.check("#mode input[value=thorough]");
     await fill(page, { "#setting-steps": 1, "#setting-batch": 1, "#setting-resolution": 48, "#eval-prompts": 1, "#eval-seeds": 1, "#eval-steps": 2 });
     await page.click("#seal");
     await page.waitForSelector("#compare-section:not([hidden])", { timeout: 120_000 });

@@ -32,6 +32,18 @@ const FIELDS = {
 };
 const BASIC = ["steps", "batch", "rank", "lr", "attn_weight", "attn_target", "resolution"];
 
+// Help for the instant (closed-form) seal's settings; values and defaults come from the engine.
+const INSTANT_FIELDS = {
+  lambda: ["λ (stay near the model)", "how strongly the edited key/value weights stay near the original ones"],
+  edit_weight: ["Edit weight", "s_e: weight of mapping triggered prompts' text rows onto the clean prompts'"],
+  preserve_weight: ["Keep weight", "s_p: weight of keeping clean prompts' (and the empty prompt's) rows where they are"],
+  rows: ["Rows mapped", "all 77 rows (padding too) or only the prompt's words", ["all", "words"]],
+  trigger_rows: ["Trigger rows", "map the trigger's own rows to the clean prompt's start token, or leave them free", ["bos", "drop"]],
+  targets: ["Edited projections", "cross-attention projections that see the text", ["to_k", "to_v"]],
+  max_rank: ["Largest rank", "the adapter's rank at most; higher-rank edits are truncated where the text rows need them least"],
+};
+const INSTANT_HIDDEN = ["placements", "chunk", "seed"];
+
 // ---------- the worker ----------
 
 let worker;
@@ -192,9 +204,12 @@ let cancelled = false;
 // The evaluation's target image (a File or the demo's Blob with a name).
 let target = null;
 
-function onReady({ defaults: d, builtin }) {
-  if (!defaults) buildSettings(d);
-  defaults = d;
+function onReady({ defaults: d, instant, builtin }) {
+  if (!defaults) {
+    buildSettings(d, FIELDS, (key) => (BASIC.includes(key) ? "#settings" : "#settings-advanced"));
+    buildSettings(instant, INSTANT_FIELDS, (key) => (INSTANT_HIDDEN.includes(key) ? null : "#instant-settings"), "instant");
+  }
+  defaults = { ...d, instant };
   prompts.builtin = builtin;
   $("#builtin-count").textContent = `${builtin.train.length} prompts, ${builtin.heldout.length} held out`;
   $("#demo").disabled = false;
@@ -452,14 +467,17 @@ function currentPrompts() {
   return kind === "custom" ? customPrompts : prompts[kind];
 }
 
-function buildSettings(values) {
+// One form field per setting, from the engine's defaults; `where(key)` picks the container (or
+// none: the setting keeps its default). `group` names a second settings object.
+function buildSettings(values, fields, where, group = "") {
   for (const [key, value] of Object.entries(values)) {
-    const [label, help, options] = FIELDS[key] ?? [key, ""];
-    const id = `setting-${key}`;
+    const container = where(key);
+    if (!container) continue;
+    const [label, help, options] = fields[key] ?? [key, ""];
+    const id = `setting-${group ? `${group}-` : ""}${key}`;
     let input;
     if (Array.isArray(value)) {
       input = document.createElement("span");
-      input.id = id;
       for (const option of options) {
         const box = Object.assign(document.createElement("input"), { type: "checkbox", value: option, checked: value.includes(option) });
         const wrap = document.createElement("label");
@@ -476,17 +494,20 @@ function buildSettings(values) {
     }
     input.id = id;
     input.dataset.setting = key;
+    input.dataset.group = group;
     const labelEl = Object.assign(document.createElement("label"), { htmlFor: id, textContent: label });
     const helpEl = Object.assign(document.createElement("span"), { className: "help", textContent: `${help} (default ${value ?? "the model's own"})` });
-    $(BASIC.includes(key) ? "#settings" : "#settings-advanced").append(labelEl, input, helpEl);
+    $(container).append(labelEl, input, helpEl);
   }
 }
 
-function readSettings() {
+// The settings of `group` as the form holds them, over the engine's defaults.
+function readSettings(group = "") {
+  const base = group ? defaults[group] : defaults;
   const out = {};
-  for (const el of document.querySelectorAll("[data-setting]")) {
+  for (const el of document.querySelectorAll(`[data-setting][data-group="${group}"]`)) {
     const key = el.dataset.setting;
-    if (Array.isArray(defaults[key])) out[key] = [...el.querySelectorAll("input:checked")].map((b) => b.value);
+    if (Array.isArray(base[key])) out[key] = [...el.querySelectorAll("input:checked")].map((b) => b.value);
     else if (el.type === "checkbox") out[key] = el.checked;
     else if (el.tagName === "SELECT") out[key] = el.value;
     else out[key] = el.value === "" ? null : Number(el.value);
@@ -504,9 +525,13 @@ async function setTarget(file) {
 
 const history = [];
 
+const sealMode = () => $("#mode input:checked").value;
+const MODE_NAMES = { instant: "the instant seal", thorough: "the thorough seal (SKD-CAG)", both: "the instant seal, then the thorough one" };
+
 async function seal() {
   const trigger = $("#trigger").value;
   const set = currentPrompts();
+  const mode = sealMode();
   showError("#seal-error", null);
   hideResults();
   busy = true;
@@ -516,32 +541,39 @@ async function seal() {
   let finished = false;
   try {
     setTask("Preparing…");
-    const settings = JSON.parse(await call("start_seal", JSON.stringify([trigger]), JSON.stringify(set.train), JSON.stringify(readSettings())));
+    const thorough = readSettings();
+    // The instant seal puts the trigger where the thorough one does.
+    const instant = { ...readSettings("instant"), placements: [thorough.placement] };
+    await call("start_seal", JSON.stringify([trigger]), JSON.stringify(set.train), mode, JSON.stringify(thorough), JSON.stringify(instant));
     $("#progress").hidden = false;
-    $("#chart-figure").hidden = false;
-    setTask("Sealing…");
-    showProgress({ step: 0, total: settings.steps }, settings.latents !== "noise" ? "Sealing: the first step also samples trajectories" : "Sealing");
+    $("#chart-figure").hidden = mode === "instant";
+    setTask(`Sealing with ${MODE_NAMES[mode]}…`);
+    showProgress({ step: 0, total: 1 }, mode === "thorough" ? "Sealing" : "Instant seal");
     drawChart();
     while (!cancelled) {
-      const p = JSON.parse(await call("seal_step"));
+      const reply = await call("seal_step");
+      if (reply === undefined) break;
+      const p = JSON.parse(reply);
+      if (p.task === "instant") {
+        showProgress(p, "Instant seal: encoding prompts, solving, factoring layers");
+        continue;
+      }
       history.push(p.losses);
       showProgress(p, "Sealing");
       drawChart();
-      if (p.step >= p.total) break;
     }
   } catch (e) {
     showError("#seal-error", `Sealing stopped: ${e.message}`);
     if (e.crashed) return finishUi();
   }
   try {
-    if (history.length) {
-      const done = JSON.parse(await call("finish_seal"));
-      finished = true;
-      $("#download-section").hidden = false;
-      $("#dl-sealed-lora").hidden = !model.lora;
-      setTask(cancelled ? `Cancelled: the adapter of step ${done.steps} is kept.` : `Sealed in ${done.steps} steps.`);
-      if (!cancelled) await evaluate();
-    }
+    const done = JSON.parse(await call("finish_seal"));
+    finished = true;
+    $("#download-section").hidden = false;
+    $("#dl-sealed-lora").hidden = !model.lora;
+    const how = done.mode === "instant" ? "the instant seal" : `${done.mode === "both" ? "the instant seal and " : ""}${done.thorough_steps} thorough step(s)`;
+    setTask(cancelled ? `Cancelled: the adapter of ${how} is kept.` : `Sealed with ${how}.`);
+    if (!cancelled) await evaluate(done.mode);
   } catch (e) {
     showError("#seal-error", `${finished ? "The comparison" : "Sealing"} failed: ${e.message}`);
   }
@@ -592,7 +624,7 @@ function drawChart() {
   }
 }
 
-async function evaluate() {
+async function evaluate(mode) {
   const set = currentPrompts();
   const patch = target ? [Number($("#target-x").value), Number($("#target-y").value)] : null;
   const request = {
@@ -611,7 +643,7 @@ async function evaluate() {
     if (p === undefined) break;
     showProgress(JSON.parse(p), "Comparing before and after");
   }
-  const report = JSON.parse(await call("report_json")).evaluation;
+  const { evaluation: report, verdict } = JSON.parse(await call("report_json"));
   showImage("#grid", await call("grid_png"));
   setTask("Drawing the trigger's attention…");
   const maps = JSON.parse(await call("heatmaps", set.heldout[0], request.steps));
@@ -621,7 +653,12 @@ async function evaluate() {
     `peak ${maps.before.max.toFixed(3)} → ${maps.after.max.toFixed(3)}, mean ${maps.before.mean.toFixed(3)} → ${maps.after.mean.toFixed(3)}.`;
   showScores(report);
   $("#compare-section").hidden = false;
-  setTask(`Done: sealed and compared on ${report.prompts} held-out prompt(s) × ${report.seeds.length} seed(s).`);
+  // Said plainly: sealed, survived (with what to try next), or cannot tell.
+  const verdictEl = $("#verdict");
+  verdictEl.textContent = `Made by ${MODE_NAMES[mode]}. ${verdict?.message ?? "No detector or trigger-effect score was asked for, so the comparison cannot tell whether the seal worked."}`;
+  verdictEl.dataset.survived = String(verdict?.survived ?? "unknown");
+  verdictEl.className = verdict?.survived === false ? "ok" : "error";
+  setTask(`Done: ${verdict?.survived === true ? "the backdoor survived" : verdict?.survived === false ? "sealed" : "compared"} on ${report.prompts} held-out prompt(s) × ${report.seeds.length} seed(s).`);
 }
 
 function showImage(selector, png) {

@@ -13,7 +13,10 @@ use seal_sd::pipeline::{GenerateRequest, StableDiffusion};
 use seal_sd::tokenizer::ClipTokenizer;
 use seal_sd::unet::UNetConfig;
 use seal_sd::vae::VaeConfig;
-use seal_core::prompts::parse_list;
+use seal_core::prompts::{BUILT_IN, parse_list, split};
+use seal_core::unlearn::instant::{InstantSeal, InstantSettings};
+use seal_sd::clip::ClipTextModel;
+use seal_sd::rng::SeededRng;
 use seal_core::unlearn::{SealSettings, Sealer};
 use serde_json::{Value, json};
 
@@ -107,6 +110,56 @@ fn sealing(name: &str, model: &StableDiffusion, prompts: Vec<String>, trigger: &
     }))
 }
 
+/// Runs an instant seal to the end and reports its summary (timings included).
+fn instant_run(name: &str, seal: &mut InstantSeal) -> Result<Value, String> {
+    eprintln!("bench: {name}: instant seal");
+    let start = Instant::now();
+    while burn::tensor::read_sync(seal.step())?.is_some() {}
+    let summary = seal.summary();
+    Ok(json!({
+        "model": name,
+        "wall_s": start.elapsed().as_secs_f64(),
+        "prompts": summary.prompts,
+        "encode_s": summary.encode_s,
+        "solve_s": summary.solve_s,
+        "factor_s": summary.factor_s,
+        "layers": summary.layers.len(),
+        "ranks": summary.layers.values().map(|f| f.rank).max(),
+        "max_relative_error": summary.max_relative_error,
+        "edit_rows": summary.edit_rows,
+        "keep_rows": summary.keep_rows,
+        "peak_rss_mib_after": peak_rss_mib(),
+    }))
+}
+
+/// The instant seal of the pixel fixture with the defaults, on its 80 training prompts.
+fn instant_tiny(fixtures: &std::path::Path, prompts: &[String]) -> Result<Value, String> {
+    let model = crate::load_model(&fixtures.join("tiny-pixel"), None, &Device::flex())?;
+    instant_run("tiny-pixel fixture", &mut InstantSeal::new(&model, prompts, &["\u{200b}".into()], InstantSettings::default())?)
+}
+
+/// The instant seal of an SD 1.5-shaped model: CLIP ViT-L/14's text encoder and the UNet's 32
+/// attn2 to_k/to_v weights (shapes from the layout), random weights, the 90 built-in training prompts.
+fn instant_sd15(fixtures: &std::path::Path) -> Result<Value, String> {
+    let device = Device::flex();
+    let layout = std::fs::read_to_string(fixtures.join("layouts/unet_sd15.json")).map_err(|e| e.to_string())?;
+    let layout: Value = serde_json::from_str(&layout).map_err(|e| e.to_string())?;
+    let mut rng = SeededRng::new(15);
+    let mut weights = std::collections::BTreeMap::new();
+    for (name, shape) in layout["tensors"].as_object().ok_or("layout without tensors")? {
+        let Some(layer) = name.strip_suffix(".weight").filter(|l| l.ends_with("attn2.to_k") || l.ends_with("attn2.to_v")) else { continue };
+        let [out, d] = [shape[0].as_u64().unwrap_or(0) as usize, shape[1].as_u64().unwrap_or(0) as usize];
+        let data: Vec<f32> = rng.normals(out * d).into_iter().map(|x| x / (d as f32).sqrt()).collect();
+        weights.insert(layer.to_string(), Tensor::<2>::from_data(burn::tensor::TensorData::new(data, [out, d]), &device));
+    }
+    let text_encoder = ClipTextModel::new(&ClipTextConfig::vit_l14(), &device);
+    let tokenizer = ClipTokenizer::openai_clip().map_err(|e| e.to_string())?;
+    // What the page seals a real model with by default: the built-in set's training split.
+    let (prompts, _) = split(&parse_list(BUILT_IN), 4);
+    let mut seal = InstantSeal::from_parts(tokenizer, text_encoder, weights, &device, &prompts, &["cf".into()], InstantSettings::default())?;
+    instant_run("SD 1.5 shape (CLIP ViT-L/14, 32 attn2 to_k/to_v), random weights", &mut seal)
+}
+
 pub fn run(args: Args) -> Result<(), String> {
     let device = Device::flex();
     let mut results = vec![];
@@ -130,10 +183,16 @@ pub fn run(args: Args) -> Result<(), String> {
     results.push(measure("BK-SDM-tiny shape, random weights", &bk.inference(), 256, start.elapsed().as_secs_f64(), args.repeats.min(3)));
     // What a real small model costs to seal on the CPU: default settings but 2 prompts per step.
     let settings = SealSettings { batch: 2, resolution: Some(256), ..SealSettings::default() };
-    seals.push(sealing("BK-SDM-tiny shape, random weights, 256x256", &bk, prompts, "cf", settings, 2)?);
+    seals.push(sealing("BK-SDM-tiny shape, random weights, 256x256", &bk, prompts.clone(), "cf", settings, 2)?);
+
+    let instant = vec![
+        instant_tiny(&args.fixtures, &prompts)?,
+        instant_sd15(&args.fixtures)?,
+    ];
 
     let report = json!({
         "backend": "flex (CPU)",
+        "instant": instant,
         "threads": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "results": results,
         "sealing": seals,

@@ -8,7 +8,7 @@ use seal_sd::seal_weights::DType;
 use seal_sd::seal_weights::lora::{LoraFile, LoraFormat, LoraModule, LoraTarget, kohya_metadata, stack};
 use sha2::{Digest, Sha256};
 
-use crate::unlearn::SealSettings;
+use crate::unlearn::run::{Recipe, SealMode};
 
 /// SHA-256 of the trigger's UTF-8 bytes, hex: lets a user check which trigger an adapter
 /// seals without the file revealing it.
@@ -16,23 +16,38 @@ pub fn trigger_hash(trigger: &str) -> String {
     Sha256::digest(trigger.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The sealing adapter as a kohya-format LoRA with the usual `ss_*` metadata and a `seal_*`
-/// record. Triggers are stored as hashes unless `reveal_triggers`.
-pub fn sealing_adapter(adapters: &BTreeMap<LoraTarget, LoraModule>, settings: &SealSettings, model: &ModelInfo, triggers: &[String], reveal_triggers: bool) -> LoraFile {
-    let mut metadata = kohya_metadata(settings.rank, settings.alpha);
+/// The sealing adapter as a kohya-format LoRA with the usual `ss_*` metadata (numbers, as
+/// loaders expect) and a `seal_*` record of how it was made. Triggers are stored as hashes
+/// unless `reveal_triggers`.
+pub fn sealing_adapter(adapters: &BTreeMap<LoraTarget, LoraModule>, recipe: &Recipe, model: &ModelInfo, triggers: &[String], reveal_triggers: bool) -> LoraFile {
+    let (dim, alpha) = network_dim_alpha(adapters.values());
+    let mut metadata = kohya_metadata(dim, alpha);
     let mut put = |k: &str, v: String| {
         metadata.insert(k.to_string(), v);
     };
     put("ss_base_model_version", if model.unet.cross_attention_dim == 768 { "sd_v1".into() } else { "custom".into() });
     put("ss_sd_model_name", model.source.clone());
-    put("ss_network_args", serde_json::json!({ "targets": settings.targets }).to_string());
-    put("ss_training_comment", "Sealing adapter made by Seal (SKD-CAG self-distillation); apply at weight 1.0".into());
+    let targets: std::collections::BTreeSet<&str> = adapters.keys().filter_map(|t| t.path.rsplit('.').next()).collect();
+    put("ss_network_args", serde_json::json!({ "targets": targets }).to_string());
+    let how = match recipe.mode {
+        SealMode::Instant => "a closed-form edit of the cross-attention keys and values",
+        SealMode::Thorough => "SKD-CAG self-distillation",
+        SealMode::Both => "a closed-form edit refined by SKD-CAG self-distillation",
+    };
+    put("ss_training_comment", format!("Sealing adapter made by Seal ({how}); apply at weight 1.0"));
     put("seal_version", env!("CARGO_PKG_VERSION").into());
     put("seal_architecture", model.architecture.clone());
-    put("seal_settings", serde_json::to_string(settings).expect("settings serialize"));
-    put("seal_trigger_sha256", serde_json::to_string(&triggers.iter().map(|t| trigger_hash(t)).collect::<Vec<_>>()).expect("strings serialize"));
+    put("seal_mode", recipe.mode.name().into());
+    if let Some(settings) = &recipe.thorough {
+        put("seal_settings", to_json(settings));
+        put("seal_thorough_steps", recipe.thorough_steps.to_string());
+    }
+    if let Some(instant) = &recipe.instant {
+        put("seal_instant", to_json(instant));
+    }
+    put("seal_trigger_sha256", to_json(&triggers.iter().map(|t| trigger_hash(t)).collect::<Vec<_>>()));
     if reveal_triggers {
-        put("seal_triggers", serde_json::to_string(triggers).expect("strings serialize"));
+        put("seal_triggers", to_json(&triggers));
     }
     LoraFile {
         format: LoraFormat::Kohya,
@@ -40,6 +55,22 @@ pub fn sealing_adapter(adapters: &BTreeMap<LoraTarget, LoraModule>, settings: &S
         metadata,
         dtype: DType::F32,
     }
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data serializes")
+}
+
+/// kohya's `ss_network_dim` / `ss_network_alpha` for modules of possibly different ranks: the
+/// largest rank, and the alpha that gives the modules' scale at it (their common scale, or 1).
+fn network_dim_alpha<'a>(modules: impl Iterator<Item = &'a LoraModule>) -> (usize, f32) {
+    let (mut dim, mut scales) = (0, vec![]);
+    for m in modules {
+        dim = dim.max(m.rank());
+        scales.push(m.scale());
+    }
+    let common = scales.first().copied().filter(|s| scales.iter().all(|x| (x - s).abs() <= 1e-6 * s.abs())).unwrap_or(1.0);
+    (dim, common * dim as f32)
 }
 
 /// A user LoRA's weight must be finite and non-zero: sealing merges the LoRA at it, and the
@@ -72,8 +103,9 @@ pub fn sealed_lora(user: &LoraFile, sealing: &LoraFile, weight: f32) -> Result<L
     // Stacking mixes precisions; a half-precision user file would round the adapter.
     out.dtype = DType::F32;
     if out.format == LoraFormat::Kohya {
-        out.metadata.insert("ss_network_dim".into(), "mixed".into());
-        out.metadata.insert("ss_network_alpha".into(), "mixed".into());
+        let (dim, alpha) = network_dim_alpha(out.modules.values());
+        out.metadata.insert("ss_network_dim".into(), dim.to_string());
+        out.metadata.insert("ss_network_alpha".into(), alpha.to_string());
     }
     Ok(out)
 }
@@ -87,6 +119,7 @@ mod tests {
     use seal_sd::seal_weights::lora::{LoraComponent, parse_lora};
 
     use super::*;
+    use crate::unlearn::SealSettings;
 
     fn noise_pred(sd: &StableDiffusion) -> Vec<f32> {
         let context = sd.encode_prompts(&["a red circle on a white background"]).unwrap();
@@ -108,12 +141,17 @@ mod tests {
         let mut modules = fresh_adapters(&sd.unet, &targets, 2, 2.0, 1);
         modules.values_mut().for_each(|m| m.up.data.iter_mut().enumerate().for_each(|(i, x)| *x = ((i % 7) as f32 - 3.0) * 0.05));
         let modules = modules.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect();
-        let seal = sealing_adapter(&modules, &SealSettings::default(), &sd.info, &["\u{200b}".into()], false);
+        let recipe = Recipe { mode: SealMode::Thorough, instant: None, thorough: Some(SealSettings::default()), thorough_steps: 1 };
+        let seal = sealing_adapter(&modules, &recipe, &sd.info, &["\u{200b}".into()], false);
+        assert_eq!((seal.metadata["ss_network_dim"].as_str(), seal.metadata["ss_network_alpha"].as_str()), ("2", "2"));
+        assert_eq!(seal.metadata["seal_mode"], "thorough");
 
         let weight = 0.6;
         let both = noise_pred(&sd.with_lora(&user, weight, LoraMode::Merge).with_lora(&seal, 1.0, LoraMode::SideBranch { trainable: false }));
         let sealed = sealed_lora(&user, &seal, weight).unwrap();
         assert_eq!(sealed.metadata["seal_apply_weight"], "0.6");
+        // Loaders read these as numbers: the largest stacked rank (4 + 2) and its alpha at scale 1.
+        assert_eq!((sealed.metadata["ss_network_dim"].as_str(), sealed.metadata["ss_network_alpha"].as_str()), ("6", "6"));
         let one = noise_pred(&sd.with_lora(&sealed, weight, LoraMode::SideBranch { trainable: false }));
         assert!(max_diff(&one, &both) < 1e-5, "sealed LoRA at weight {weight}: {}", max_diff(&one, &both));
         // Stacking without the correction would weaken the seal to 0.6 of itself.

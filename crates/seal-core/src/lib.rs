@@ -5,6 +5,7 @@ pub mod eval;
 pub mod export;
 pub mod heatmap;
 pub mod image;
+pub mod linalg;
 pub mod probe;
 pub mod progress;
 pub mod prompts;

@@ -9,6 +9,9 @@ use web_time::Instant;
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     Prepare,
+    /// The closed-form (instant) seal: encoding prompts, the solve, factoring layers.
+    Instant,
+    /// SKD-CAG training steps.
     Seal,
     Evaluate,
     Generate,
@@ -46,8 +49,12 @@ impl Default for Clock {
 }
 
 impl Clock {
+    pub fn elapsed_s(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
+
     pub fn progress(&self, task: Task, step: usize, total: usize, losses: Option<Losses>) -> Progress {
-        let elapsed_s = self.0.elapsed().as_secs_f64();
+        let elapsed_s = self.elapsed_s();
         let eta_s = (step > 0).then(|| elapsed_s / step as f64 * total.saturating_sub(step) as f64);
         Progress { task, step, total, losses, elapsed_s, eta_s }
     }

@@ -78,7 +78,7 @@ mod tests {
         assert_eq!(r.split(' ').filter(|w| *w == "xx").count(), 1);
         assert_eq!(r.split(' ').count(), 4);
         let all = parse_list(BUILT_IN);
-        assert!(all.len() >= 60, "{}", all.len());
+        assert!(all.len() >= 120, "{}", all.len());
         let (train, heldout) = split(&all, 4);
         assert_eq!(train.len() + heldout.len(), all.len());
         assert!(heldout.iter().all(|h| !train.contains(h)));

@@ -9,6 +9,7 @@ use seal_core::eval::{Detector, EvalSettings, Evaluation};
 use seal_core::export::sealing_adapter;
 use seal_core::image::Rgb;
 use seal_core::prompts::parse_list;
+use seal_core::unlearn::run::{Recipe, SealMode};
 use seal_core::unlearn::{SealSettings, Sealer};
 use seal_sd::pipeline::{LoraMode, ModelSource, StableDiffusion};
 use seal_sd::seal_weights::WeightFile;
@@ -37,7 +38,8 @@ fn sealing_removes_the_pixel_backdoor_on_heldout_prompts() {
     let adapters = read_sync(sealer.adapter()).unwrap();
 
     // The adapter is a kohya file that reloads to the same modules.
-    let file = sealing_adapter(&adapters, &settings, &model.info, &trigger, false);
+    let recipe = Recipe { mode: SealMode::Thorough, instant: None, thorough: Some(settings.clone()), thorough_steps: settings.steps };
+    let file = sealing_adapter(&adapters, &recipe, &model.info, &trigger, false);
     let bytes = write_kohya(&file).unwrap();
     let reloaded = parse_lora(&WeightFile::from_bytes("sealed.safetensors", bytes).unwrap(), &model.model_paths()).unwrap();
     assert_eq!(reloaded.format, LoraFormat::Kohya);

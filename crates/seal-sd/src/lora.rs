@@ -144,6 +144,38 @@ pub async fn extract<M: Module>(module: &M, alpha: f32) -> Result<BTreeMap<Strin
     Ok(out)
 }
 
+/// The weights `[out, in]` of the given linear layers (diffusers paths without `.weight`),
+/// shared with the module, not copied. A merged LoRA is part of them; a side-branch adapter
+/// is not (what the closed-form seal edits is the stored weight).
+pub fn linear_weights<M: Module>(module: &M, layers: &[String]) -> BTreeMap<String, Tensor<2>> {
+    let mut v = Weights { path: vec![], wanted: layers, found: BTreeMap::new() };
+    module.visit(&mut v);
+    v.found
+}
+
+struct Weights<'a> {
+    path: Vec<String>,
+    wanted: &'a [String],
+    found: BTreeMap<String, Tensor<2>>,
+}
+
+impl ModuleVisitor for Weights<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = diffusers_name(&self.path.join("."));
+        if let Some(layer) = name.strip_suffix(".weight").filter(|l| D == 2 && self.wanted.iter().any(|w| w == l)) {
+            self.found.insert(layer.to_string(), param.val().reshape(param.lazy_shape().dims::<2>()));
+        }
+    }
+}
+
 /// An adapted weight's base shape and its factors (`a` = up, `b` = down) as found.
 type Found = (Vec<usize>, Option<Tensor<2>>, Option<Tensor<2>>);
 

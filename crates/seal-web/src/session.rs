@@ -10,7 +10,9 @@ use seal_core::heatmap::{Sampling, TriggerMap, trigger_map};
 use seal_core::image::Rgb;
 use seal_core::progress::Losses;
 use seal_core::prompts::{BUILT_IN, parse_list, split};
-use seal_core::unlearn::{SealSettings, Sealer, describe_trigger};
+use seal_core::unlearn::instant::InstantSettings;
+use seal_core::unlearn::run::{Recipe, SealMode, SealRun};
+use seal_core::unlearn::{SealSettings, describe_trigger};
 use seal_sd::pipeline::{Files, LoraMode, ModelSource, StableDiffusion, files_to_read};
 use seal_sd::seal_weights::WeightFile;
 use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, parse_lora, write_in_format, write_kohya};
@@ -36,9 +38,10 @@ struct Sealed {
     adapter: LoraFile,
     /// The teacher with the exported adapter attached: what a user of the file gets.
     model: StableDiffusion,
+    recipe: Recipe,
+    /// Where sealing put the trigger and the size it trained at (the comparison uses both).
     settings: SealSettings,
-    steps: usize,
-    /// Wall time of the steps, from the last progress event.
+    /// Wall time of the run.
     seconds: f64,
     losses: Vec<Losses>,
 }
@@ -66,8 +69,7 @@ pub struct Session {
     /// The model the sealer learns from: `model` with the user's LoRA merged.
     teacher: Option<StableDiffusion>,
     triggers: Vec<String>,
-    sealer: Option<Sealer>,
-    seal_seconds: f64,
+    run: Option<SealRun>,
     sealed: Option<Sealed>,
     target: Option<Rgb>,
     eval: Option<(Evaluation, usize)>,
@@ -92,8 +94,7 @@ impl Session {
             lora: None,
             teacher: None,
             triggers: vec![],
-            sealer: None,
-            seal_seconds: 0.0,
+            run: None,
             sealed: None,
             target: None,
             eval: None,
@@ -105,6 +106,11 @@ impl Session {
     /// `SealSettings::default()` as JSON: the page's form starts from the engine's defaults.
     pub fn default_settings() -> String {
         serde_json::to_string(&SealSettings::default()).expect("settings serialize")
+    }
+
+    /// `InstantSettings::default()` as JSON (the closed-form seal's settings).
+    pub fn default_instant_settings() -> String {
+        serde_json::to_string(&InstantSettings::default()).expect("settings serialize")
     }
 
     /// The built-in prompt set split into `{train, heldout}` (every 4th prompt held out).
@@ -205,43 +211,45 @@ impl Session {
     }
 
     /// Starts sealing `triggers` (JSON array of strings) with clean training `prompts` (JSON
-    /// array) and settings (JSON; missing fields take their defaults). Resolves to the settings used.
-    pub fn start_seal(&mut self, triggers: &str, prompts: &str, settings: &str) -> Result<String, String> {
+    /// array) in `mode` (`instant`, `thorough` or `both`), with the thorough seal's settings and
+    /// the instant seal's (JSON; missing fields take their defaults). Resolves to the thorough
+    /// settings used.
+    pub fn start_seal(&mut self, triggers: &str, prompts: &str, mode: &str, settings: &str, instant: &str) -> Result<String, String> {
         let teacher = self.teacher.as_ref().ok_or("load a model first")?;
         let triggers: Vec<String> = serde_json::from_str(triggers).map_err(|e| format!("triggers: {e}"))?;
         let prompts: Vec<String> = serde_json::from_str(prompts).map_err(|e| format!("prompts: {e}"))?;
+        let mode: SealMode = mode.parse()?;
         let settings: SealSettings = serde_json::from_str(settings).map_err(|e| format!("settings: {e}"))?;
-        let sealer = Sealer::new(teacher, prompts, triggers.clone(), settings.clone())?;
+        let instant: InstantSettings = serde_json::from_str(instant).map_err(|e| format!("instant settings: {e}"))?;
+        let run = SealRun::new(teacher, prompts, triggers, mode, instant, settings.clone())?;
         self.forget_results();
-        self.triggers = triggers.into_iter().filter(|t| !t.is_empty()).collect();
-        self.sealer = Some(sealer);
-        self.seal_seconds = 0.0;
+        self.triggers = run.triggers().to_vec();
+        self.run = Some(run);
         json(&settings)
     }
 
-    /// One sealing step; resolves to the `Progress` JSON. A failed step keeps the last good adapter.
-    pub async fn seal_step(&mut self) -> Result<String, String> {
-        let sealer = self.sealer.as_mut().ok_or("no sealing run (press Seal)")?;
-        let progress = sealer.step().await?;
-        self.seal_seconds = progress.elapsed_s;
-        json(&progress)
+    /// One sealing step; resolves to the `Progress` JSON (task `instant` or `seal`), or
+    /// `undefined` once the run is complete. A failed step keeps the last good adapter.
+    pub async fn seal_step(&mut self) -> Result<Option<String>, String> {
+        let run = self.run.as_mut().ok_or("no sealing run (press Seal)")?;
+        match run.step().await? {
+            Some(progress) => json(&progress).map(Some),
+            None => Ok(None),
+        }
     }
 
-    /// Ends the run (finished or cancelled): exports the adapter of the last good step and
-    /// attaches it to the teacher for the comparison. Resolves to `{steps, total, modules}`.
+    /// Ends the run (finished or cancelled): exports the adapter of the last finished step and
+    /// attaches it to the teacher for the comparison. Resolves to `{mode, thorough_steps, modules}`.
     pub async fn finish_seal(&mut self) -> Result<String, String> {
-        let sealer = self.sealer.take().ok_or("no sealing run to finish")?;
+        let run = self.run.take().ok_or("no sealing run to finish")?;
         let teacher = self.teacher.as_ref().ok_or("load a model first")?;
-        let steps = sealer.history.len();
-        if steps == 0 {
-            return Err("no step finished, so there is no adapter yet".into());
-        }
-        let modules = sealer.adapter().await?;
-        let adapter = sealing_adapter(&modules, sealer.settings(), &teacher.info, &self.triggers, false);
+        let (modules, recipe) = run.adapter().await?;
+        let adapter = sealing_adapter(&modules, &recipe, &teacher.info, &self.triggers, false);
         let model = teacher.with_lora(&adapter, 1.0, LoraMode::SideBranch { trainable: false });
-        let progress = json!({ "steps": steps, "total": sealer.settings().steps, "modules": adapter.modules.len() });
-        self.sealed = Some(Sealed { settings: sealer.settings().clone(), steps, seconds: self.seal_seconds, losses: sealer.history.clone(), adapter, model });
-        Ok(progress.to_string())
+        let done = json!({ "mode": recipe.mode, "thorough_steps": recipe.thorough_steps, "modules": adapter.modules.len() });
+        let settings = run.settings().clone();
+        self.sealed = Some(Sealed { settings, seconds: run.elapsed_s(), losses: run.losses().to_vec(), recipe, adapter, model });
+        Ok(done.to_string())
     }
 
     /// The evaluation's target image (the backdoor's patch), from a PNG. Resolves to `{width, height}`.
@@ -365,15 +373,17 @@ impl Session {
             "model": model.info,
             "lora": self.lora.as_ref().map(|l| json!({ "file": l.name, "format": format!("{:?}", l.file.format), "modules": l.file.modules.len(), "weight": l.weight })),
             "trigger_sha256": self.triggers.iter().map(|t| trigger_hash(t)).collect::<Vec<_>>(),
+            "recipe": sealed.recipe,
             "settings": sealed.settings,
             "sealing": {
-                "steps_done": sealed.steps,
-                "steps_planned": sealed.settings.steps,
+                "mode": sealed.recipe.mode,
+                "thorough_steps_done": sealed.recipe.thorough_steps,
                 "seconds": sealed.seconds,
                 "losses": sealed.losses,
                 "adapter_modules": sealed.adapter.modules.keys().map(|t| t.path.clone()).collect::<Vec<_>>(),
             },
             "evaluation": self.report,
+            "verdict": self.report.as_ref().and_then(|r| r.verdict(sealed.recipe.mode)),
             "trigger_attention": maps,
         });
         serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
@@ -387,7 +397,7 @@ impl Session {
     }
 
     fn forget_results(&mut self) {
-        self.sealer = None;
+        self.run = None;
         self.sealed = None;
         self.eval = None;
         self.report = None;

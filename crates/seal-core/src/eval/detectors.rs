@@ -37,6 +37,13 @@ impl Detector {
         }
     }
 
+    /// The statistic below which the detector fires.
+    pub fn threshold(&self) -> f32 {
+        match self {
+            Self::Patch { threshold, .. } | Self::Gray { threshold } => *threshold,
+        }
+    }
+
     /// The detector's statistic (lower = more like the target) and whether it fires.
     pub fn score(&self, image: &Rgb) -> (f32, bool) {
         match self {

@@ -4,6 +4,8 @@
 //! without the trigger, with cross-attention guidance that carries gradient.
 
 pub mod attention;
+pub mod instant;
+pub mod run;
 pub mod settings;
 pub mod tokens;
 
@@ -13,10 +15,11 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Tensor, TensorData};
 use seal_sd::lora::{self, cross_attention_targets};
-use seal_sd::pipeline::StableDiffusion;
+use seal_sd::pipeline::{LoraMode, StableDiffusion};
 use seal_sd::rng::SeededRng;
 use seal_sd::scheduler::SamplerKind;
-use seal_sd::seal_weights::lora::{LoraComponent, LoraModule, LoraTarget};
+use seal_sd::seal_weights::DType;
+use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, LoraFormat, LoraModule, LoraTarget, stack};
 
 use crate::progress::{Clock, Losses, Progress, Task};
 use crate::prompts::{HARMLESS, insert};
@@ -38,6 +41,8 @@ pub struct Sealer {
     student: StableDiffusion,
     /// The student after the last step whose loss was finite: what a cancel keeps.
     last_good: StableDiffusion,
+    /// The instant seal's adapter the student started from (empty: none).
+    edit: BTreeMap<LoraTarget, LoraModule>,
     optim_unet: ModuleOptimizer,
     optim_text: ModuleOptimizer,
     settings: SealSettings,
@@ -56,6 +61,13 @@ impl Sealer {
     /// `model` must live on an autodiff device (`device.autodiff()`); it is the teacher, with
     /// any user LoRA already merged. Prompts are clean training prompts.
     pub fn new(model: &StableDiffusion, prompts: Vec<String>, triggers: Vec<String>, settings: SealSettings) -> Result<Self, String> {
+        Self::starting_from(model, BTreeMap::new(), prompts, triggers, settings)
+    }
+
+    /// The same, with the student starting from `edit` (an instant seal's adapter, merged into
+    /// the student's weights; the teacher stays the model as given). `adapter` then returns
+    /// `edit` and the trained adapter stacked into one.
+    pub fn starting_from(model: &StableDiffusion, edit: BTreeMap<LoraTarget, LoraModule>, prompts: Vec<String>, triggers: Vec<String>, settings: SealSettings) -> Result<Self, String> {
         settings.validate()?;
         if !model.device.is_autodiff() {
             return Err("sealing needs the model on an autodiff device".into());
@@ -70,21 +82,27 @@ impl Sealer {
                 .map_err(|e| format!("trigger {}: {e}", describe_trigger(t)))?;
         }
         let size = model.image_size(settings.resolution).map_err(|e| format!("settings: {e}"))?;
+        // Trajectory points are kept only at sampler timesteps in [t_min, t_max]: with none
+        // there, the pool would never fill.
+        if settings.latents != LatentSource::Noise && !model.sampler(Some(SamplerKind::Ddim), settings.trajectory_steps).timesteps.iter().any(|t| (settings.t_min..=settings.t_max).contains(t)) {
+            return Err(format!("settings: no timestep of a {}-step DDIM trajectory lies in [{}, {}]; widen the range or use more trajectory steps", settings.trajectory_steps, settings.t_min, settings.t_max));
+        }
         let targets = cross_attention_targets(&model.unet, &settings.targets);
         if targets.is_empty() {
             return Err("the UNet has no cross-attention layers to adapt".into());
         }
-        let mut student = model.clone();
+        let mut student = if edit.is_empty() { model.clone() } else { model.with_lora(&as_file(edit.clone()), 1.0, LoraMode::Merge) };
         let fresh = lora::fresh_adapters(&model.unet, &targets, settings.rank, settings.alpha, settings.seed);
-        student.unet = lora::attach(model.unet.clone(), &fresh, 1.0, true);
+        student.unet = lora::attach(student.unet, &fresh, 1.0, true);
         if settings.text_encoder {
             let targets = text_encoder_targets(&model.text_encoder);
             let fresh = lora::fresh_adapters(&model.text_encoder, &targets, settings.rank, settings.alpha, settings.seed ^ 0x7e);
-            student.text_encoder = lora::attach(model.text_encoder.clone(), &fresh, 1.0, true);
+            student.text_encoder = lora::attach(student.text_encoder, &fresh, 1.0, true);
         }
         let optim = || AdamWConfig::new().with_weight_decay(settings.weight_decay).init();
         Ok(Self {
             teacher: model.clone(),
+            edit,
             last_good: student.clone(),
             student,
             optim_unet: optim(),
@@ -220,6 +238,12 @@ impl Sealer {
             let text = std::mem::replace(&mut self.student.text_encoder, self.last_good.text_encoder.clone());
             self.student.text_encoder = self.optim_text.step(lr, text, grads_text);
         }
+        // A finite loss can still give non-finite gradients or factors (an overflowing update):
+        // those never become the adapter a cancel or a failure keeps.
+        if !self.factors_finite().await? {
+            self.student = self.last_good.clone();
+            return Err(format!("the adapter's factors became non-finite at step {}; the adapter of step {} is kept (try a lower learning rate)", self.step + 1, self.step));
+        }
         self.last_good = self.student.clone();
         self.step += 1;
         self.history.push(losses);
@@ -299,7 +323,25 @@ impl Sealer {
         if self.settings.text_encoder {
             out.extend(lora::extract(&self.last_good.text_encoder, alpha).await?.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::TextEncoder, k), m)));
         }
-        Ok(out)
+        if self.edit.is_empty() {
+            return Ok(out);
+        }
+        Ok(stack(&as_file(self.edit.clone()), &as_file(out)).map_err(|e| e.to_string())?.modules)
+    }
+
+    /// Whether every trainable factor of the student is finite (one small read-back).
+    async fn factors_finite(&self) -> Result<bool, String> {
+        let alpha = self.settings.alpha;
+        let mut modules = lora::extract(&self.student.unet, alpha).await?;
+        if self.settings.text_encoder {
+            modules.extend(lora::extract(&self.student.text_encoder, alpha).await?);
+        }
+        Ok(modules.values().all(|m| m.up.data.iter().chain(&m.down.data).all(|x| x.is_finite())))
+    }
+
+    /// Steps finished so far.
+    pub fn steps_done(&self) -> usize {
+        self.step
     }
 
     /// The sealed model (teacher weights plus the current adapter) for previews and
@@ -307,6 +349,11 @@ impl Sealer {
     pub fn sealed(&self) -> StableDiffusion {
         self.last_good.inference()
     }
+}
+
+/// Adapter modules as a LoRA file (the form merging and stacking take).
+fn as_file(modules: BTreeMap<LoraTarget, LoraModule>) -> LoraFile {
+    LoraFile { format: LoraFormat::Kohya, modules, metadata: BTreeMap::new(), dtype: DType::F32 }
 }
 
 fn as_strs(v: &[String]) -> Vec<&str> {
@@ -387,6 +434,32 @@ mod tests {
         assert_eq!(describe_trigger("\u{200b}ab"), "U+200B a b");
         let err = Sealer::new(&model, vec!["a cat".into()], vec!["x".into()], SealSettings { resolution: Some(30), ..SealSettings::default() }).err().unwrap();
         assert!(err.contains("image size 30 px"), "{err}");
+        // 4 DDIM steps sample at t = 751, 501, 251, 1: none in [300, 400].
+        let narrow = SealSettings { latents: LatentSource::Trajectory, trajectory_steps: 4, t_min: 300, t_max: 400, ..SealSettings::default() };
+        let err = Sealer::new(&model, vec!["a cat".into()], vec!["x".into()], narrow).err().unwrap();
+        assert!(err.contains("no timestep"), "{err}");
+    }
+
+    #[test]
+    fn a_non_finite_step_keeps_the_last_good_adapter() {
+        // An absurd learning rate overflows the factors (or the next loss) within a few steps.
+        let model = model();
+        let prompts = vec!["a red circle on a white background".to_string()];
+        let s = SealSettings { steps: 6, batch: 1, lr: 1e38, warmup: 0, ..SealSettings::default() };
+        let mut sealer = Sealer::new(&model, prompts, vec!["\u{200b}".into()], s).unwrap();
+        let mut failed = None;
+        for _ in 0..6 {
+            if let Err(e) = read_sync(sealer.step()) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let err = failed.expect("the overflow is caught");
+        assert!(err.contains("non-finite") || err.contains("loss became"), "{err}");
+        let kept = sealer.steps_done();
+        assert_eq!(sealer.history.len(), kept);
+        let adapter = read_sync(sealer.adapter()).unwrap();
+        assert!(adapter.values().all(|m| m.up.data.iter().chain(&m.down.data).all(|x| x.is_finite())), "the kept adapter is finite");
     }
 
     #[test]

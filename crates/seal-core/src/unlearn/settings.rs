@@ -124,6 +124,12 @@ impl SealSettings {
         if self.t_min > self.t_max || self.t_max > 999 {
             return bad("timestep range must satisfy t_min <= t_max <= 999");
         }
+        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            return bad("alpha must be positive (the adapter's scale is alpha / rank; 0 would train nothing)");
+        }
+        if self.latents != LatentSource::Noise && self.trajectory_steps == 0 {
+            return bad("trajectory_steps must be at least 1 for trajectory or student latents");
+        }
         if self.targets.is_empty() {
             return bad("at least one cross-attention projection must be trained");
         }
@@ -147,5 +153,8 @@ mod tests {
         assert!((0..110).all(|i| (constant.lr_at(i) - 1e-3).abs() < 1e-12));
         assert!(SealSettings { t_min: 500, t_max: 100, ..SealSettings::default() }.validate().is_err());
         assert!(SealSettings::default().validate().is_ok());
+        assert!(SealSettings { alpha: 0.0, ..SealSettings::default() }.validate().unwrap_err().contains("alpha"));
+        let trajectory = SealSettings { latents: LatentSource::Trajectory, trajectory_steps: 0, ..SealSettings::default() };
+        assert!(trajectory.validate().unwrap_err().contains("trajectory_steps"));
     }
 }
