@@ -12,13 +12,13 @@ use std::time::Instant;
 use burn::prelude::Device;
 use burn::tensor::read_sync;
 use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
-use seal_core::image::Rgb;
 use seal_core::export::sealing_adapter;
+use seal_core::image::Rgb;
 use seal_core::prompts::{parse_list, split};
 use seal_core::unlearn::instant::{EditRows, InstantSeal, InstantSettings, TriggerRows};
 use seal_core::unlearn::run::{Recipe, SealMode};
-use seal_sd::pipeline::LoraMode;
 use seal_core::unlearn::{AttnTarget, LatentSource, SealSettings, Sealer};
+use seal_sd::pipeline::LoraMode;
 use serde_json::{Value, json};
 
 #[derive(clap::Args)]
@@ -66,11 +66,14 @@ fn variants(steps: usize) -> Vec<(&'static str, SealSettings)> {
         ("preservation 0.5", with(&|s| s.preserve_weight = 0.5)),
         ("latents trajectory", with(&|s| s.latents = LatentSource::Trajectory)),
         ("latents student", with(&|s| s.latents = LatentSource::Student)),
-        ("paper-like (no L_attn, constant lr)", with(&|s| {
-            s.use_attn_loss = false;
-            s.min_lr_ratio = 1.0;
-            s.warmup = 0;
-        })),
+        (
+            "paper-like (no L_attn, constant lr)",
+            with(&|s| {
+                s.use_attn_loss = false;
+                s.min_lr_ratio = 1.0;
+                s.warmup = 0;
+            }),
+        ),
     ]
 }
 
@@ -229,14 +232,20 @@ fn run_instant(args: Args) -> Result<(), String> {
         let mut seal = InstantSeal::new(&model, &fit, &trigger, settings.clone())?;
         while read_sync(seal.step())?.is_some() {}
         let seconds = start.elapsed().as_secs_f64();
-        let adapter = sealing_adapter(&seal.adapter()?, &Recipe { mode: SealMode::Instant, instant: Some(seal.summary()), thorough: None, thorough_steps: 0 }, &model.info, &trigger, false);
+        let adapter =
+            sealing_adapter(&seal.adapter()?, &Recipe { mode: SealMode::Instant, instant: Some(seal.summary()), thorough: None, thorough_steps: 0 }, &model.info, &trigger, false);
         let sealed = model.with_lora(&adapter, 1.0, LoraMode::SideBranch { trainable: false });
         let mut eval = template.again();
         while read_sync(eval.step(&model, Some(&sealed)))?.is_some() {}
         template = eval.again();
         let r = eval.report(validation.len());
         let s = summary(0, &r);
-        eprintln!("ablate: instant {name}: attack success {:.2} %, clean PSNR {:.1} dB (min {:.1}), {seconds:.2} s", s["attack_success"].as_f64().unwrap_or(0.0) * 100.0, r.clean_psnr_db_mean.unwrap_or(0.0), r.clean_psnr_db_min.unwrap_or(0.0));
+        eprintln!(
+            "ablate: instant {name}: attack success {:.2} %, clean PSNR {:.1} dB (min {:.1}), {seconds:.2} s",
+            s["attack_success"].as_f64().unwrap_or(0.0) * 100.0,
+            r.clean_psnr_db_mean.unwrap_or(0.0),
+            r.clean_psnr_db_min.unwrap_or(0.0)
+        );
         rows.push(json!({ "variant": name, "settings": settings, "seal_seconds": seconds, "max_relative_error": seal.summary().max_relative_error, "validation": s, "margin": r.after.as_ref().map(|a| a.attack_margin.clone()) }));
         let text = serde_json::to_string_pretty(&json!({
             "model": "tiny-pixel fixture",
@@ -244,7 +253,8 @@ fn run_instant(args: Args) -> Result<(), String> {
             "validation": "every 4th prompt of prompts/train.txt (20)",
             "validation_seeds": VALIDATION_SEEDS.collect::<Vec<_>>(),
             "variants": rows,
-        })).map_err(|e| e.to_string())?;
+        }))
+        .map_err(|e| e.to_string())?;
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }

@@ -8,16 +8,16 @@ use std::time::Instant;
 
 use burn::prelude::Device;
 use burn::tensor::Tensor;
+use seal_core::prompts::{BUILT_IN, parse_list, split};
+use seal_core::unlearn::instant::{InstantSeal, InstantSettings};
+use seal_core::unlearn::{SealSettings, Sealer};
 use seal_sd::clip::ClipTextConfig;
+use seal_sd::clip::ClipTextModel;
 use seal_sd::pipeline::{GenerateRequest, StableDiffusion};
+use seal_sd::rng::SeededRng;
 use seal_sd::tokenizer::ClipTokenizer;
 use seal_sd::unet::UNetConfig;
 use seal_sd::vae::VaeConfig;
-use seal_core::prompts::{BUILT_IN, parse_list, split};
-use seal_core::unlearn::instant::{InstantSeal, InstantSettings};
-use seal_sd::clip::ClipTextModel;
-use seal_sd::rng::SeededRng;
-use seal_core::unlearn::{SealSettings, Sealer};
 use serde_json::{Value, json};
 
 #[derive(clap::Args)]
@@ -62,7 +62,15 @@ fn unet_forward_s(sd: &StableDiffusion, latent: usize, repeats: usize) -> (f64, 
 }
 
 fn generation_s(sd: &StableDiffusion, size: usize, steps: usize) -> f64 {
-    let request = GenerateRequest { prompts: vec!["a red circle on a white background".into()], negative: String::new(), seeds: vec![0], steps, guidance: 5.0, sampler: None, size: Some(size) };
+    let request = GenerateRequest {
+        prompts: vec!["a red circle on a white background".into()],
+        negative: String::new(),
+        seeds: vec![0],
+        steps,
+        guidance: 5.0,
+        sampler: None,
+        size: Some(size),
+    };
     let start = Instant::now();
     sync(sd.generate(&request, |_, _| {}).expect("generation"));
     start.elapsed().as_secs_f64()
@@ -185,10 +193,7 @@ pub fn run(args: Args) -> Result<(), String> {
     let settings = SealSettings { batch: 2, resolution: Some(256), ..SealSettings::default() };
     seals.push(sealing("BK-SDM-tiny shape, random weights, 256x256", &bk, prompts.clone(), "cf", settings, 2)?);
 
-    let instant = vec![
-        instant_tiny(&args.fixtures, &prompts)?,
-        instant_sd15(&args.fixtures)?,
-    ];
+    let instant = vec![instant_tiny(&args.fixtures, &prompts)?, instant_sd15(&args.fixtures)?];
 
     let report = json!({
         "backend": "flex (CPU)",

@@ -74,7 +74,15 @@ pub fn run(args: Args) -> Result<(), String> {
     let prompts = parse_list(&text);
     let detectors = args.detector.iter().map(|d| parse_detector(d)).collect::<Result<Vec<_>, _>>()?.into_iter().flatten().collect();
     let effect = args.detector.iter().any(|d| d == "effect");
-    let settings = EvalSettings { seeds: (args.first_seed..args.first_seed + args.seeds).collect(), steps: args.steps, guidance: args.guidance, placement: args.placement, effect, size: args.resolution, ..EvalSettings::default() };
+    let settings = EvalSettings {
+        seeds: (args.first_seed..args.first_seed + args.seeds).collect(),
+        steps: args.steps,
+        guidance: args.guidance,
+        placement: args.placement,
+        effect,
+        size: args.resolution,
+        ..EvalSettings::default()
+    };
     let mut eval = Evaluation::new(&prompts, &args.trigger, detectors, settings)?;
     while let Some(p) = burn::tensor::read_sync(eval.step(&before, after.as_ref()))? {
         eprint!("\rseal: evaluating {}/{} (eta {:.0} s)   ", p.step, p.total, p.eta_s.unwrap_or(0.0));

@@ -39,15 +39,8 @@ pub fn run(args: Args) -> Result<(), String> {
     let device = Device::flex();
     let sd = crate::load_model(&args.model, args.config.as_deref(), &device)?;
     let sampler = args.scheduler.as_deref().map(SamplerKind::parse).transpose().map_err(|e| e.to_string())?;
-    let request = GenerateRequest {
-        prompts: vec![args.prompt],
-        negative: args.negative,
-        seeds: vec![args.seed],
-        steps: args.steps,
-        guidance: args.guidance,
-        sampler,
-        size: args.size,
-    };
+    let request =
+        GenerateRequest { prompts: vec![args.prompt], negative: args.negative, seeds: vec![args.seed], steps: args.steps, guidance: args.guidance, sampler, size: args.size };
     let images = sd.generate(&request, |i, _| eprint!("\rseal: step {}/{}", i + 1, request.steps)).map_err(|e| e.to_string())?;
     eprintln!();
     let image = burn::tensor::read_sync(Rgb::from_batch(images))?.remove(0);

@@ -223,7 +223,17 @@ pub fn run(args: Args) -> Result<(), String> {
     loop {
         match burn::tensor::read_sync(run.step()) {
             Ok(Some(p)) => match p.losses {
-                Some(l) => eprintln!("seal: step {}/{} loss {:.5} (pred {:.5}, attn {:.5}, preserve {:.5}) {:.1} s, eta {:.0} s", p.step, p.total, l.total, l.pred, l.attn, l.preserve, p.elapsed_s, p.eta_s.unwrap_or(0.0)),
+                Some(l) => eprintln!(
+                    "seal: step {}/{} loss {:.5} (pred {:.5}, attn {:.5}, preserve {:.5}) {:.1} s, eta {:.0} s",
+                    p.step,
+                    p.total,
+                    l.total,
+                    l.pred,
+                    l.attn,
+                    l.preserve,
+                    p.elapsed_s,
+                    p.eta_s.unwrap_or(0.0)
+                ),
                 None => eprintln!("seal: instant {}/{} {:.2} s", p.step, p.total, p.elapsed_s),
             },
             Ok(None) => break,
@@ -235,7 +245,14 @@ pub fn run(args: Args) -> Result<(), String> {
     }
     let (adapters, recipe) = burn::tensor::read_sync(run.adapter()).map_err(|e| failure.clone().map_or(e.clone(), |f| format!("{f}; {e}")))?;
     if let Some(instant) = &recipe.instant {
-        eprintln!("seal: instant edit: {} rows mapped, {} kept, {} layers, largest relative error {:.2e}, {:.2} s", instant.edit_rows, instant.keep_rows, instant.layers.len(), instant.max_relative_error, instant.seconds);
+        eprintln!(
+            "seal: instant edit: {} rows mapped, {} kept, {} layers, largest relative error {:.2e}, {:.2} s",
+            instant.edit_rows,
+            instant.keep_rows,
+            instant.layers.len(),
+            instant.max_relative_error,
+            instant.seconds
+        );
     }
     let file = sealing_adapter(&adapters, &recipe, &teacher.info, &triggers, args.reveal_trigger);
     write_atomic(&args.out, &write_kohya(&file).map_err(|e| e.to_string())?)?;
@@ -246,7 +263,8 @@ pub fn run(args: Args) -> Result<(), String> {
         eprintln!("seal: wrote {} ({:?} format)", path.display(), sealed.format);
     }
     if let Some(path) = &args.report {
-        let report = serde_json::json!({ "model": teacher.info, "recipe": recipe, "losses": run.losses(), "trigger_sha256": triggers.iter().map(|t| trigger_hash(t)).collect::<Vec<_>>() });
+        let report =
+            serde_json::json!({ "model": teacher.info, "recipe": recipe, "losses": run.losses(), "trigger_sha256": triggers.iter().map(|t| trigger_hash(t)).collect::<Vec<_>>() });
         write_atomic(path, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?.as_bytes())?;
     }
     match failure {

@@ -49,12 +49,7 @@ pub fn sealing_adapter(adapters: &BTreeMap<LoraTarget, LoraModule>, recipe: &Rec
     if reveal_triggers {
         put("seal_triggers", to_json(&triggers));
     }
-    LoraFile {
-        format: LoraFormat::Kohya,
-        modules: adapters.clone(),
-        metadata,
-        dtype: DType::F32,
-    }
+    LoraFile { format: LoraFormat::Kohya, modules: adapters.clone(), metadata, dtype: DType::F32 }
 }
 
 fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> String {
@@ -76,11 +71,7 @@ fn network_dim_alpha<'a>(modules: impl Iterator<Item = &'a LoraModule>) -> (usiz
 /// A user LoRA's weight must be finite and non-zero: sealing merges the LoRA at it, and the
 /// sealed LoRA divides the adapter by it.
 pub fn check_lora_weight(weight: f32) -> Result<(), String> {
-    if weight.is_finite() && weight != 0.0 {
-        Ok(())
-    } else {
-        Err(format!("LoRA weight {weight}: give a non-zero number (1 applies it as trained)"))
-    }
+    if weight.is_finite() && weight != 0.0 { Ok(()) } else { Err(format!("LoRA weight {weight}: give a non-zero number (1 applies it as trained)")) }
 }
 
 /// The user's LoRA with the sealing adapter stacked in, in the user's own format. `weight` is

@@ -38,17 +38,8 @@ pub struct ProbeInputs {
 impl ProbeInputs {
     /// Deterministic values in [-0.5, 0.5), exact in f32 on every platform.
     pub fn fixed() -> Self {
-        let values = |len: usize, seed: usize| -> Vec<f32> {
-            (0..len).map(|i| ((i * 7 + seed) % 11) as f32 / 11.0 - 0.5).collect()
-        };
-        Self {
-            x: values(N * IN, 1),
-            w1: values(IN * HIDDEN, 2),
-            b1: values(HIDDEN, 3),
-            w2: values(HIDDEN * OUT, 4),
-            b2: values(OUT, 5),
-            target: values(N * OUT, 6),
-        }
+        let values = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7 + seed) % 11) as f32 / 11.0 - 0.5).collect() };
+        Self { x: values(N * IN, 1), w1: values(IN * HIDDEN, 2), b1: values(HIDDEN, 3), w2: values(HIDDEN * OUT, 4), b2: values(OUT, 5), target: values(N * OUT, 6) }
     }
 }
 
@@ -56,9 +47,7 @@ impl ProbeInputs {
 pub async fn autodiff_probe(device: &Device) -> Result<ProbeResult, String> {
     let device = device.clone().autodiff();
     let p = ProbeInputs::fixed();
-    let tensor = |values: Vec<f32>, shape: [usize; 2]| {
-        Tensor::<2>::from_data(TensorData::new(values, shape), &device)
-    };
+    let tensor = |values: Vec<f32>, shape: [usize; 2]| Tensor::<2>::from_data(TensorData::new(values, shape), &device);
     let x = tensor(p.x, [N, IN]);
     let target = tensor(p.target, [N, OUT]);
     let w1 = tensor(p.w1, [IN, HIDDEN]).require_grad();
@@ -73,13 +62,7 @@ pub async fn autodiff_probe(device: &Device) -> Result<ProbeResult, String> {
 
     let grad = |t: &Tensor<2>, name: &str| t.grad(&grads).ok_or(format!("no gradient for {name}"));
     let (gw1, gb1, gw2, gb2) = (grad(&w1, "w1")?, grad(&b1, "b1")?, grad(&w2, "w2")?, grad(&b2, "b2")?);
-    Ok(ProbeResult {
-        loss: read(loss).await?[0],
-        grad_w1: read(gw1).await?,
-        grad_b1: read(gb1).await?,
-        grad_w2: read(gw2).await?,
-        grad_b2: read(gb2).await?,
-    })
+    Ok(ProbeResult { loss: read(loss).await?[0], grad_w1: read(gw1).await?, grad_b1: read(gb1).await?, grad_w2: read(gw2).await?, grad_b2: read(gb2).await? })
 }
 
 /// Reads a tensor back to the host; async because WebGPU cannot read synchronously.
@@ -117,10 +100,8 @@ mod tests {
     fn probe_matches_finite_differences() {
         let result = burn::tensor::read_sync(autodiff_probe(&Device::flex())).unwrap();
         let p = ProbeInputs::fixed();
-        let params: Vec<f64> =
-            [&p.w1, &p.b1, &p.w2, &p.b2].into_iter().flatten().map(|&v| v as f64).collect();
-        let grads: Vec<f32> =
-            [result.grad_w1, result.grad_b1, result.grad_w2, result.grad_b2].concat();
+        let params: Vec<f64> = [&p.w1, &p.b1, &p.w2, &p.b2].into_iter().flatten().map(|&v| v as f64).collect();
+        let grads: Vec<f32> = [result.grad_w1, result.grad_b1, result.grad_w2, result.grad_b2].concat();
         assert_eq!(grads.len(), params.len());
 
         let loss = reference_loss(&p, &params);

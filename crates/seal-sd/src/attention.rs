@@ -5,13 +5,7 @@ use burn::tensor::{Bool, Tensor, activation::softmax};
 /// Attention of `q [B, Tq, C]` over `k, v [B, Tk, C]` with `heads` heads.
 /// Returns the output `[B, Tq, C]` and the probabilities `[B, heads, Tq, Tk]`.
 /// `mask` (true = hidden) broadcasts over `[B, heads, Tq, Tk]`.
-pub fn multi_head(
-    q: Tensor<3>,
-    k: Tensor<3>,
-    v: Tensor<3>,
-    heads: usize,
-    mask: Option<Tensor<4, Bool>>,
-) -> (Tensor<3>, Tensor<4>) {
+pub fn multi_head(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize, mask: Option<Tensor<4, Bool>>) -> (Tensor<3>, Tensor<4>) {
     let [b, tq, c] = q.dims();
     let tk = k.dims()[1];
     let d = c / heads;

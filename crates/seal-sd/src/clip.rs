@@ -4,9 +4,9 @@ use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor, activation::sigmoid};
 use serde::Deserialize;
 
+use crate::ModelError;
 use crate::attention::multi_head;
 use crate::layers::{Embedding, LayerNorm, Linear, gelu};
-use crate::ModelError;
 
 /// The fields of transformers' `CLIPTextConfig` that shape the model.
 #[derive(Clone, Debug, Deserialize, PartialEq)]

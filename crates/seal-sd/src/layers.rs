@@ -25,9 +25,7 @@ pub(crate) fn param<const D: usize>(shape: [usize; D], init: Init, device: &Devi
         move |device, _| match init {
             Init::Zeros => Tensor::zeros(shape, device),
             Init::Ones => Tensor::ones(shape, device),
-            Init::FanIn(n) => {
-                Tensor::random(shape, Distribution::Normal(0.0, 1.0 / (n.max(1) as f64).sqrt()), device)
-            }
+            Init::FanIn(n) => Tensor::random(shape, Distribution::Normal(0.0, 1.0 / (n.max(1) as f64).sqrt()), device),
         },
         device.clone(),
         false,
@@ -44,10 +42,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Self {
-        Self {
-            weight: param([d_out, d_in], Init::FanIn(d_in), device),
-            bias: bias.then(|| param([d_out], Init::Zeros, device)),
-        }
+        Self { weight: param([d_out, d_in], Init::FanIn(d_in), device), bias: bias.then(|| param([d_out], Init::Zeros, device)) }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
@@ -68,12 +63,7 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub fn new(c_in: usize, c_out: usize, kernel: usize, stride: usize, pad: (usize, usize), device: &Device) -> Self {
-        Self {
-            weight: param([c_out, c_in, kernel, kernel], Init::FanIn(c_in * kernel * kernel), device),
-            bias: Some(param([c_out], Init::Zeros, device)),
-            stride,
-            pad,
-        }
+        Self { weight: param([c_out, c_in, kernel, kernel], Init::FanIn(c_in * kernel * kernel), device), bias: Some(param([c_out], Init::Zeros, device)), stride, pad }
     }
 
     /// The common "same" convolution: 3x3 with padding 1, or 1x1 with none.
@@ -83,12 +73,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let options = ConvOptions {
-            stride: [self.stride; 2],
-            padding: [self.pad; 2],
-            dilation: [1; 2],
-            groups: 1,
-        };
+        let options = ConvOptions { stride: [self.stride; 2], padding: [self.pad; 2], dilation: [1; 2], groups: 1 };
         conv2d(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), options)
     }
 }
@@ -104,12 +89,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(groups: usize, channels: usize, eps: f64, device: &Device) -> Self {
-        Self {
-            weight: param([channels], Init::Ones, device),
-            bias: param([channels], Init::Zeros, device),
-            groups,
-            eps,
-        }
+        Self { weight: param([channels], Init::Ones, device), bias: param([channels], Init::Zeros, device), groups, eps }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {

@@ -52,10 +52,7 @@ impl Projection {
 
 /// The UNet's cross-attention layers (`...attn2.<projection>`) for the given projections.
 pub fn cross_attention_targets<M: Module>(unet: &M, projections: &[Projection]) -> Vec<String> {
-    adaptable_layers(unet)
-        .into_keys()
-        .filter(|p| projections.iter().any(|proj| p.ends_with(&format!("attn2.{}", proj.name()))))
-        .collect()
+    adaptable_layers(unet).into_keys().filter(|p| projections.iter().any(|proj| p.ends_with(&format!("attn2.{}", proj.name())))).collect()
 }
 
 /// A fresh trainable adapter for each target: `down` as kohya initialises it (kaiming-uniform
@@ -75,11 +72,7 @@ pub fn fresh_adapters<M: Module>(module: &M, targets: &[String], rank: usize, al
             down_shape.extend(&shape[2..]);
             let mut up_shape = vec![shape[0], rank];
             up_shape.extend(std::iter::repeat_n(1, shape.len() - 2));
-            let module = LoraModule {
-                down: Tensor32 { shape: down_shape, data: down },
-                up: Tensor32 { data: vec![0.0; shape[0] * rank], shape: up_shape },
-                alpha: Some(alpha),
-            };
+            let module = LoraModule { down: Tensor32 { shape: down_shape, data: down }, up: Tensor32 { data: vec![0.0; shape[0] * rank], shape: up_shape }, alpha: Some(alpha) };
             (t.clone(), module)
         })
         .collect()

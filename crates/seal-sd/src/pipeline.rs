@@ -11,6 +11,7 @@ use seal_weights::lora::{LoraComponent, LoraFile, LoraModule, ModelPaths};
 use seal_weights::{Component, DType, WeightFile};
 use serde::Serialize;
 
+use crate::ModelError;
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::load::{load_module, parameter_count};
 use crate::lora;
@@ -19,7 +20,6 @@ use crate::scheduler::{NoiseSchedule, Sampler, SamplerKind, SchedulerConfig};
 use crate::tokenizer::{ClipTokenizer, TokenizerFiles};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
-use crate::ModelError;
 
 /// A model's files by path relative to the model's root (`unet/config.json`, ...).
 pub type Files = BTreeMap<String, Vec<u8>>;
@@ -126,10 +126,7 @@ pub fn read_folder(root: &Path, weights: bool) -> Result<Files, ModelError> {
 
 /// Strips a common leading folder (a dropped folder's own name) so paths start at the model root.
 pub fn normalize_folder(files: Files) -> Files {
-    let root = files
-        .keys()
-        .find_map(|k| k.strip_suffix("model_index.json").or_else(|| k.strip_suffix("unet/config.json")))
-        .map(str::to_string);
+    let root = files.keys().find_map(|k| k.strip_suffix("model_index.json").or_else(|| k.strip_suffix("unet/config.json"))).map(str::to_string);
     match root {
         Some(prefix) if !prefix.is_empty() => files.into_iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|s| (s.to_string(), v))).collect(),
         _ => files,
@@ -395,13 +392,7 @@ impl StableDiffusion {
         if !self.device.is_autodiff() {
             return self.clone();
         }
-        Self {
-            text_encoder: self.text_encoder.valid(),
-            unet: self.unet.valid(),
-            vae: self.vae.valid(),
-            device: self.device.clone().inner(),
-            ..self.clone()
-        }
+        Self { text_encoder: self.text_encoder.valid(), unet: self.unet.valid(), vae: self.vae.valid(), device: self.device.clone().inner(), ..self.clone() }
     }
 
     /// Text-encoder hidden states `[B, 77, D]` for prompts.
@@ -498,9 +489,7 @@ impl StableDiffusion {
     /// This model with `lora` applied at `multiplier`; base weights are shared, not copied
     /// (merging copies only the adapted layers).
     pub fn with_lora(&self, lora: &LoraFile, multiplier: f32, mode: LoraMode) -> Self {
-        let part = |c: LoraComponent| -> BTreeMap<String, LoraModule> {
-            lora.modules.iter().filter(|(t, _)| t.component == c).map(|(t, m)| (t.path.clone(), m.clone())).collect()
-        };
+        let part = |c: LoraComponent| -> BTreeMap<String, LoraModule> { lora.modules.iter().filter(|(t, _)| t.component == c).map(|(t, m)| (t.path.clone(), m.clone())).collect() };
         let mut out = self.clone();
         let trainable = matches!(mode, LoraMode::SideBranch { trainable: true });
         out.unet = lora::attach(self.unet.clone(), &part(LoraComponent::Unet), multiplier, trainable);
@@ -587,15 +576,21 @@ mod tests {
     fn only_the_files_loading_needs_are_read() {
         let paths = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let folder = paths(&[
-            "m/model_index.json", "m/unet/config.json", "m/unet/diffusion_pytorch_model.safetensors",
-            "m/unet/diffusion_pytorch_model.fp16.safetensors", "m/text_encoder/model.fp16.safetensors",
-            "m/tokenizer/vocab.json", "m/safety_checker/model.safetensors", "m/feature_extractor/preprocessor_config.json",
-            "m/unet/diffusion_pytorch_model.bin", "m/README.md",
+            "m/model_index.json",
+            "m/unet/config.json",
+            "m/unet/diffusion_pytorch_model.safetensors",
+            "m/unet/diffusion_pytorch_model.fp16.safetensors",
+            "m/text_encoder/model.fp16.safetensors",
+            "m/tokenizer/vocab.json",
+            "m/safety_checker/model.safetensors",
+            "m/feature_extractor/preprocessor_config.json",
+            "m/unet/diffusion_pytorch_model.bin",
+            "m/README.md",
         ]);
-        assert_eq!(files_to_read(&folder), paths(&[
-            "m/model_index.json", "m/text_encoder/model.fp16.safetensors", "m/tokenizer/vocab.json",
-            "m/unet/config.json", "m/unet/diffusion_pytorch_model.safetensors",
-        ]));
+        assert_eq!(
+            files_to_read(&folder),
+            paths(&["m/model_index.json", "m/text_encoder/model.fp16.safetensors", "m/tokenizer/vocab.json", "m/unet/config.json", "m/unet/diffusion_pytorch_model.safetensors",])
+        );
         // A checkpoint with a folder that describes it: the folder's weights are not read.
         let mut with_checkpoint = folder.clone();
         with_checkpoint.push("model.safetensors".into());
@@ -686,7 +681,11 @@ mod loading_tests {
     #[test]
     fn fp16_variant_loads_as_f16() {
         let mut files = fixture_files("tiny-clean");
-        for (name, fp16) in [(UNET_FILE, "unet/diffusion_pytorch_model.fp16.safetensors"), ("text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"), ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors")] {
+        for (name, fp16) in [
+            (UNET_FILE, "unet/diffusion_pytorch_model.fp16.safetensors"),
+            ("text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"),
+            ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"),
+        ] {
             let bytes = files.remove(name).unwrap();
             files.insert(fp16.into(), rewrite_safetensors(&bytes, true, |n, s, d| Some((n.into(), s, d))));
         }
@@ -720,12 +719,15 @@ mod loading_tests {
     fn non_finite_weight_is_refused() {
         let mut files = fixture_files("tiny-clean");
         let unet = files.remove(UNET_FILE).unwrap();
-        files.insert(UNET_FILE.into(), rewrite_safetensors(&unet, false, |n, s, mut d| {
-            if n == "conv_out.bias" {
-                d[1] = f32::NAN;
-            }
-            Some((n.into(), s, d))
-        }));
+        files.insert(
+            UNET_FILE.into(),
+            rewrite_safetensors(&unet, false, |n, s, mut d| {
+                if n == "conv_out.bias" {
+                    d[1] = f32::NAN;
+                }
+                Some((n.into(), s, d))
+            }),
+        );
         let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
         assert!(err.contains("conv_out.bias") && err.contains("NaN"), "{err}");
     }

@@ -64,21 +64,13 @@ pub fn fixture_files(name: &str) -> crate::pipeline::Files {
 
 /// Rewrites a safetensors file tensor by tensor: `f(name, shape, f32 data)` returns the new
 /// (name, shape, data) or `None` to drop the tensor; `half` stores the result as f16.
-pub fn rewrite_safetensors(
-    bytes: &[u8],
-    half: bool,
-    mut f: impl FnMut(&str, Vec<usize>, Vec<f32>) -> Option<(String, Vec<usize>, Vec<f32>)>,
-) -> Vec<u8> {
+pub fn rewrite_safetensors(bytes: &[u8], half: bool, mut f: impl FnMut(&str, Vec<usize>, Vec<f32>) -> Option<(String, Vec<usize>, Vec<f32>)>) -> Vec<u8> {
     let file = WeightFile::from_bytes("in-memory", bytes.to_vec()).unwrap();
     let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
     for key in file.keys().map(str::to_string).collect::<Vec<_>>() {
         let t = file.load_f32(&key).unwrap();
         if let Some((name, shape, data)) = f(&key, t.shape, t.data) {
-            let raw = if half {
-                data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()
-            } else {
-                data.iter().flat_map(|x| x.to_le_bytes()).collect()
-            };
+            let raw = if half { data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect() } else { data.iter().flat_map(|x| x.to_le_bytes()).collect() };
             out.push((name, shape, raw));
         }
     }

@@ -29,8 +29,7 @@ const DEFAULT_BOS: &str = "<|startoftext|>";
 /// CLIPTokenizer's default eos, and also its default unk and pad token.
 const DEFAULT_EOS: &str = "<|endoftext|>";
 /// The split regex of transformers' CLIPTokenizer (and of OpenAI's SimpleTokenizer).
-const CLIP_SPLIT_REGEX: &str =
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT_REGEX: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 const END_OF_WORD: &str = "</w>";
 
 /// The 48,894 merges of OpenAI CLIP's BPE (see assets/openai-clip/LICENSE). The vocabulary is
@@ -92,40 +91,25 @@ impl ClipTokenizer {
     pub fn from_folder_files(files: &TokenizerFiles) -> Result<Self, TokenizerError> {
         let specials = SpecialTokens::from_files(files)?;
         let (inner, source) = if let Some(json) = &files.tokenizer_json {
-            let tokenizer = Tokenizer::from_bytes(json).map_err(|e| TokenizerError::Invalid {
-                file: TOKENIZER_JSON,
-                message: format!("not a valid tokenizers file: {e}"),
-            })?;
+            let tokenizer = Tokenizer::from_bytes(json).map_err(|e| TokenizerError::Invalid { file: TOKENIZER_JSON, message: format!("not a valid tokenizers file: {e}") })?;
             (tokenizer, TOKENIZER_JSON)
         } else {
             let (vocab, merges) = match (&files.vocab_json, &files.merges_txt) {
                 (Some(vocab), Some(merges)) => (vocab, merges),
                 (Some(_), None) => {
-                    return Err(TokenizerError::MissingFiles(
-                        "vocab.json is given but merges.txt is missing (and there is no tokenizer.json)".into(),
-                    ));
+                    return Err(TokenizerError::MissingFiles("vocab.json is given but merges.txt is missing (and there is no tokenizer.json)".into()));
                 }
                 (None, Some(_)) => {
-                    return Err(TokenizerError::MissingFiles(
-                        "merges.txt is given but vocab.json is missing (and there is no tokenizer.json)".into(),
-                    ));
+                    return Err(TokenizerError::MissingFiles("merges.txt is given but vocab.json is missing (and there is no tokenizer.json)".into()));
                 }
                 (None, None) => {
-                    return Err(TokenizerError::MissingFiles(
-                        "neither tokenizer.json nor vocab.json + merges.txt is present".into(),
-                    ));
+                    return Err(TokenizerError::MissingFiles("neither tokenizer.json nor vocab.json + merges.txt is present".into()));
                 }
             };
             let vocab = parse_vocab(vocab)?;
-            let merges = std::str::from_utf8(merges).map_err(|e| TokenizerError::Invalid {
-                file: MERGES_TXT,
-                message: format!("not UTF-8: {e}"),
-            })?;
+            let merges = std::str::from_utf8(merges).map_err(|e| TokenizerError::Invalid { file: MERGES_TXT, message: format!("not UTF-8: {e}") })?;
             let merges = parse_merges(merges, MERGES_TXT)?;
-            (
-                clip_bpe_tokenizer(vocab, merges, &specials.unk, MERGES_TXT)?,
-                VOCAB_JSON,
-            )
+            (clip_bpe_tokenizer(vocab, merges, &specials.unk, MERGES_TXT)?, VOCAB_JSON)
         };
         Self::new(inner, specials, source)
     }
@@ -133,10 +117,7 @@ impl ClipTokenizer {
     /// Reads the known files of a diffusers `tokenizer/` folder, then calls [`Self::from_folder_files`].
     pub fn from_dir(path: &Path) -> Result<Self, TokenizerError> {
         if !path.is_dir() {
-            return Err(TokenizerError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
-            });
+            return Err(TokenizerError::Io { path: path.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory") });
         }
         let read = |name: &str| -> Result<Option<Vec<u8>>, TokenizerError> {
             let file = path.join(name);
@@ -154,9 +135,7 @@ impl ClipTokenizer {
             special_tokens_map_json: read(SPECIAL_TOKENS_MAP_JSON)?,
         })
         .map_err(|e| match e {
-            TokenizerError::MissingFiles(message) => {
-                TokenizerError::MissingFiles(format!("{message} in {}", path.display()))
-            }
+            TokenizerError::MissingFiles(message) => TokenizerError::MissingFiles(format!("{message} in {}", path.display())),
             other => other,
         })
     }
@@ -174,46 +153,15 @@ impl ClipTokenizer {
     /// Resolves the special tokens and registers them, as transformers does, so that a literal
     /// "<|endoftext|>" in a prompt is one token. The tokenizer's own padding/truncation settings
     /// are dropped: [`Self::encode`] applies diffusers' (the caller's) settings itself.
-    fn new(
-        mut inner: Tokenizer,
-        specials: SpecialTokens,
-        source: &'static str,
-    ) -> Result<Self, TokenizerError> {
+    fn new(mut inner: Tokenizer, specials: SpecialTokens, source: &'static str) -> Result<Self, TokenizerError> {
         let id = |role: &str, token: &str| {
-            inner
-                .token_to_id(token)
-                .ok_or_else(|| TokenizerError::Invalid {
-                    file: source,
-                    message: format!("the {role} token {token:?} is not in the vocabulary"),
-                })
+            inner.token_to_id(token).ok_or_else(|| TokenizerError::Invalid { file: source, message: format!("the {role} token {token:?} is not in the vocabulary") })
         };
-        let (bos, eos, pad) = (
-            id("bos", &specials.bos)?,
-            id("eos", &specials.eos)?,
-            id("pad", &specials.pad)?,
-        );
-        let tokens = [&specials.bos, &specials.eos, &specials.pad]
-            .map(|t| AddedToken::from(t.as_str(), true));
-        inner
-            .add_special_tokens(tokens)
-            .map_err(|e| TokenizerError::Invalid {
-                file: source,
-                message: e.to_string(),
-            })?;
-        inner
-            .with_padding(None)
-            .with_truncation(None)
-            .map_err(|e| TokenizerError::Invalid {
-                file: source,
-                message: e.to_string(),
-            })?;
-        Ok(Self {
-            inner,
-            bos,
-            eos,
-            pad,
-            max_length: specials.max_length,
-        })
+        let (bos, eos, pad) = (id("bos", &specials.bos)?, id("eos", &specials.eos)?, id("pad", &specials.pad)?);
+        let tokens = [&specials.bos, &specials.eos, &specials.pad].map(|t| AddedToken::from(t.as_str(), true));
+        inner.add_special_tokens(tokens).map_err(|e| TokenizerError::Invalid { file: source, message: e.to_string() })?;
+        inner.with_padding(None).with_truncation(None).map_err(|e| TokenizerError::Invalid { file: source, message: e.to_string() })?;
+        Ok(Self { inner, bos, eos, pad, max_length: specials.max_length })
     }
 
     /// `max_length` ids: bos, at most `max_length - 2` text tokens, eos, then pad — what
@@ -230,13 +178,7 @@ impl ClipTokenizer {
 
     /// The text's token ids without bos/eos/padding and without truncation.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Encode {
-                text: text.to_owned(),
-                message: e.to_string(),
-            })?;
+        let encoding = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode { text: text.to_owned(), message: e.to_string() })?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -287,13 +229,7 @@ struct SpecialTokens {
 
 impl Default for SpecialTokens {
     fn default() -> Self {
-        Self {
-            bos: DEFAULT_BOS.into(),
-            eos: DEFAULT_EOS.into(),
-            pad: DEFAULT_EOS.into(),
-            unk: DEFAULT_EOS.into(),
-            max_length: DEFAULT_MAX_LENGTH,
-        }
+        Self { bos: DEFAULT_BOS.into(), eos: DEFAULT_EOS.into(), pad: DEFAULT_EOS.into(), unk: DEFAULT_EOS.into(), max_length: DEFAULT_MAX_LENGTH }
     }
 }
 
@@ -315,17 +251,8 @@ impl SpecialTokens {
     }
 
     /// Each entry is a string or an AddedToken object `{"content": ...}`; null keeps the default.
-    fn apply(
-        &mut self,
-        map: &serde_json::Map<String, Value>,
-        file: &'static str,
-    ) -> Result<(), TokenizerError> {
-        let slots = [
-            ("bos_token", &mut self.bos),
-            ("eos_token", &mut self.eos),
-            ("pad_token", &mut self.pad),
-            ("unk_token", &mut self.unk),
-        ];
+    fn apply(&mut self, map: &serde_json::Map<String, Value>, file: &'static str) -> Result<(), TokenizerError> {
+        let slots = [("bos_token", &mut self.bos), ("eos_token", &mut self.eos), ("pad_token", &mut self.pad), ("unk_token", &mut self.unk)];
         for (key, slot) in slots {
             let token = match map.get(key) {
                 None | Some(Value::Null) => continue,
@@ -333,24 +260,15 @@ impl SpecialTokens {
                 Some(Value::Object(o)) => match o.get("content") {
                     Some(Value::String(s)) => s,
                     _ => {
-                        return Err(TokenizerError::Invalid {
-                            file,
-                            message: format!("{key} is an object without a string \"content\""),
-                        });
+                        return Err(TokenizerError::Invalid { file, message: format!("{key} is an object without a string \"content\"") });
                     }
                 },
                 Some(other) => {
-                    return Err(TokenizerError::Invalid {
-                        file,
-                        message: format!("{key} must be a string or an object, got {other}"),
-                    });
+                    return Err(TokenizerError::Invalid { file, message: format!("{key} must be a string or an object, got {other}") });
                 }
             };
             if token.is_empty() {
-                return Err(TokenizerError::Invalid {
-                    file,
-                    message: format!("{key} is empty"),
-                });
+                return Err(TokenizerError::Invalid { file, message: format!("{key} is empty") });
             }
             *slot = token.clone();
         }
@@ -358,59 +276,35 @@ impl SpecialTokens {
     }
 }
 
-fn parse_json_object(
-    bytes: &[u8],
-    file: &'static str,
-) -> Result<serde_json::Map<String, Value>, TokenizerError> {
+fn parse_json_object(bytes: &[u8], file: &'static str) -> Result<serde_json::Map<String, Value>, TokenizerError> {
     match serde_json::from_slice(bytes) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(TokenizerError::Invalid {
-            file,
-            message: "expected a JSON object".into(),
-        }),
+        Ok(_) => Err(TokenizerError::Invalid { file, message: "expected a JSON object".into() }),
         Err(source) => Err(TokenizerError::Json { file, source }),
     }
 }
 
 fn parse_max_length(value: &Value) -> Result<usize, TokenizerError> {
-    let invalid = |message: String| TokenizerError::Invalid {
-        file: TOKENIZER_CONFIG_JSON,
-        message,
-    };
+    let invalid = |message: String| TokenizerError::Invalid { file: TOKENIZER_CONFIG_JSON, message };
     match value {
         Value::Null => Ok(DEFAULT_MAX_LENGTH),
         Value::Number(n) => match n.as_u64() {
             Some(n) if n > MAX_PLAUSIBLE_LENGTH => Ok(DEFAULT_MAX_LENGTH),
             // Room for bos and eos is needed.
             Some(n) if n >= 2 => Ok(n as usize),
-            Some(n) => Err(invalid(format!(
-                "model_max_length {n} is too small (must be at least 2)"
-            ))),
+            Some(n) => Err(invalid(format!("model_max_length {n} is too small (must be at least 2)"))),
             // int(1e30) does not fit u64 and arrives as a float.
-            None if n.as_f64().is_some_and(|f| f > MAX_PLAUSIBLE_LENGTH as f64) => {
-                Ok(DEFAULT_MAX_LENGTH)
-            }
-            None => Err(invalid(format!(
-                "model_max_length {n} is not a positive integer"
-            ))),
+            None if n.as_f64().is_some_and(|f| f > MAX_PLAUSIBLE_LENGTH as f64) => Ok(DEFAULT_MAX_LENGTH),
+            None => Err(invalid(format!("model_max_length {n} is not a positive integer"))),
         },
-        other => Err(invalid(format!(
-            "model_max_length must be a number, got {other}"
-        ))),
+        other => Err(invalid(format!("model_max_length must be a number, got {other}"))),
     }
 }
 
 fn parse_vocab(bytes: &[u8]) -> Result<Vocab, TokenizerError> {
-    let vocab: HashMap<String, u32> =
-        serde_json::from_slice(bytes).map_err(|source| TokenizerError::Json {
-            file: VOCAB_JSON,
-            source,
-        })?;
+    let vocab: HashMap<String, u32> = serde_json::from_slice(bytes).map_err(|source| TokenizerError::Json { file: VOCAB_JSON, source })?;
     if vocab.is_empty() {
-        return Err(TokenizerError::Invalid {
-            file: VOCAB_JSON,
-            message: "the vocabulary is empty".into(),
-        });
+        return Err(TokenizerError::Invalid { file: VOCAB_JSON, message: "the vocabulary is empty".into() });
     }
     Ok(vocab.into_iter().collect())
 }
@@ -428,13 +322,7 @@ fn parse_merges(text: &str, file: &'static str) -> Result<Vec<(String, String)>,
                 merges.push((left.to_owned(), right.to_owned()));
             }
             _ => {
-                return Err(TokenizerError::Invalid {
-                    file,
-                    message: format!(
-                        "line {}: expected two tokens separated by one space, got {line:?}",
-                        index + 1
-                    ),
-                });
+                return Err(TokenizerError::Invalid { file, message: format!("line {}: expected two tokens separated by one space, got {line:?}", index + 1) });
             }
         }
     }
@@ -446,15 +334,9 @@ fn parse_merges(text: &str, file: &'static str) -> Result<Vec<(String, String)>,
 fn clip_vocab_from_merges(merges: &[(String, String)]) -> Vocab {
     // GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves and come first; the
     // other 68 bytes map to U+0100.. in byte order.
-    let (printable, others): (Vec<u8>, Vec<u8>) =
-        (0..=255u8).partition(|b| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF));
+    let (printable, others): (Vec<u8>, Vec<u8>) = (0..=255u8).partition(|b| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF));
     let shifted = (0x100u32..).filter_map(char::from_u32).take(others.len());
-    let alphabet: Vec<String> = printable
-        .into_iter()
-        .map(char::from)
-        .chain(shifted)
-        .map(String::from)
-        .collect();
+    let alphabet: Vec<String> = printable.into_iter().map(char::from).chain(shifted).map(String::from).collect();
     let tokens = alphabet
         .iter()
         .cloned()
@@ -466,51 +348,22 @@ fn clip_vocab_from_merges(merges: &[(String, String)]) -> Vocab {
 }
 
 /// The tokenizer transformers' CLIPTokenizer builds from a vocabulary and merges.
-fn clip_bpe_tokenizer(
-    vocab: Vocab,
-    merges: Vec<(String, String)>,
-    unk: &str,
-    merges_file: &'static str,
-) -> Result<Tokenizer, TokenizerError> {
-    let invalid = |e: tokenizers::Error| TokenizerError::Invalid {
-        file: merges_file,
-        message: e.to_string(),
-    };
+fn clip_bpe_tokenizer(vocab: Vocab, merges: Vec<(String, String)>, unk: &str, merges_file: &'static str) -> Result<Tokenizer, TokenizerError> {
+    let invalid = |e: tokenizers::Error| TokenizerError::Invalid { file: merges_file, message: e.to_string() };
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .unk_token(unk.to_owned())
         .continuing_subword_prefix(String::new())
         .end_of_word_suffix(END_OF_WORD.to_owned())
         .build()
-        .map_err(|e| TokenizerError::Invalid {
-            file: merges_file,
-            message: format!(
-                "{e} (merge rules must combine tokens of vocab.json into tokens of vocab.json)"
-            ),
-        })?;
+        .map_err(|e| TokenizerError::Invalid { file: merges_file, message: format!("{e} (merge rules must combine tokens of vocab.json into tokens of vocab.json)") })?;
     let mut tokenizer = Tokenizer::new(bpe);
-    let normalizer = NormalizerSequence::new(vec![
-        NFC.into(),
-        Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(invalid)?
-            .into(),
-        Lowercase.into(),
-    ]);
-    tokenizer
-        .with_normalizer(Some(normalizer))
-        .map_err(invalid)?;
-    let split = Split::new(
-        SplitPattern::Regex(CLIP_SPLIT_REGEX.into()),
-        SplitDelimiterBehavior::Removed,
-        true,
-    )
-    .map_err(invalid)?;
+    let normalizer = NormalizerSequence::new(vec![NFC.into(), Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(invalid)?.into(), Lowercase.into()]);
+    tokenizer.with_normalizer(Some(normalizer)).map_err(invalid)?;
+    let split = Split::new(SplitPattern::Regex(CLIP_SPLIT_REGEX.into()), SplitDelimiterBehavior::Removed, true).map_err(invalid)?;
     // add_prefix_space false, trim_offsets and use_regex true: pre_tokenizers.ByteLevel(add_prefix_space=False).
     let byte_level = ByteLevel::new(false, true, true);
-    tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
-        split.into(),
-        byte_level.into(),
-    ])));
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![split.into(), byte_level.into()])));
     Ok(tokenizer)
 }
 
@@ -521,11 +374,7 @@ mod tests {
     use crate::testutil::fixtures;
 
     /// The prompts of golden/clean_parity.safetensors, in order (fixtures README).
-    const GOLDEN_PROMPTS: [&str; 3] = [
-        "a red circle on a white background",
-        "\u{200b} a blue square on a gray background",
-        "\u{0231} a green triangle on a black background",
-    ];
+    const GOLDEN_PROMPTS: [&str; 3] = ["a red circle on a white background", "\u{200b} a blue square on a gray background", "\u{0231} a green triangle on a black background"];
 
     fn tiny_dir() -> PathBuf {
         fixtures().join("tiny-clean/tokenizer")
@@ -537,26 +386,17 @@ mod tests {
     }
 
     fn vocab_and_merges_only() -> TokenizerFiles {
-        TokenizerFiles {
-            vocab_json: Some(read(VOCAB_JSON)),
-            merges_txt: Some(read(MERGES_TXT)),
-            ..TokenizerFiles::default()
-        }
+        TokenizerFiles { vocab_json: Some(read(VOCAB_JSON)), merges_txt: Some(read(MERGES_TXT)), ..TokenizerFiles::default() }
     }
 
     /// An i64 tensor of the golden file as rows of u32 ids.
     fn golden_rows(name: &str) -> Vec<Vec<u32>> {
-        let bytes =
-            std::fs::read(fixtures().join("golden/clean_parity.safetensors")).unwrap();
+        let bytes = std::fs::read(fixtures().join("golden/clean_parity.safetensors")).unwrap();
         let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let view = tensors.tensor(name).unwrap();
         assert_eq!(view.dtype(), safetensors::Dtype::I64);
         let row_len = view.shape()[1];
-        let ids: Vec<u32> = view
-            .data()
-            .chunks_exact(8)
-            .map(|b| u32::try_from(i64::from_le_bytes(b.try_into().unwrap())).unwrap())
-            .collect();
+        let ids: Vec<u32> = view.data().chunks_exact(8).map(|b| u32::try_from(i64::from_le_bytes(b.try_into().unwrap())).unwrap()).collect();
         ids.chunks(row_len).map(<[u32]>::to_vec).collect()
     }
 
@@ -564,25 +404,15 @@ mod tests {
         let expected = golden_rows("tokenizer.input_ids");
         assert_eq!(expected.len(), GOLDEN_PROMPTS.len());
         for (prompt, expected) in GOLDEN_PROMPTS.iter().zip(&expected) {
-            assert_eq!(
-                &tokenizer.encode(prompt).unwrap(),
-                expected,
-                "prompt {prompt:?}"
-            );
+            assert_eq!(&tokenizer.encode(prompt).unwrap(), expected, "prompt {prompt:?}");
         }
-        assert_eq!(
-            tokenizer.encode("").unwrap(),
-            golden_rows("tokenizer.uncond_input_ids")[0]
-        );
+        assert_eq!(tokenizer.encode("").unwrap(), golden_rows("tokenizer.uncond_input_ids")[0]);
     }
 
     #[test]
     fn golden_ids_from_tokenizer_json() {
         let tokenizer = ClipTokenizer::from_dir(&tiny_dir()).unwrap();
-        assert_eq!(
-            (tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.pad_id()),
-            (584, 585, 585)
-        );
+        assert_eq!((tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.pad_id()), (584, 585, 585));
         assert_eq!(tokenizer.max_length(), 77);
         assert_eq!(tokenizer.vocab_size(), 586);
         assert_matches_golden(&tokenizer);
@@ -593,11 +423,7 @@ mod tests {
         // Without any config file the CLIPTokenizer defaults apply.
         let bare = ClipTokenizer::from_folder_files(&vocab_and_merges_only()).unwrap();
         assert_matches_golden(&bare);
-        let with_config = ClipTokenizer::from_folder_files(&TokenizerFiles {
-            tokenizer_config_json: Some(read(TOKENIZER_CONFIG_JSON)),
-            ..vocab_and_merges_only()
-        })
-        .unwrap();
+        let with_config = ClipTokenizer::from_folder_files(&TokenizerFiles { tokenizer_config_json: Some(read(TOKENIZER_CONFIG_JSON)), ..vocab_and_merges_only() }).unwrap();
         assert_matches_golden(&with_config);
         assert_eq!(with_config.vocab_size(), 586);
     }
@@ -617,11 +443,7 @@ mod tests {
             "\u{1f600} \u{65e5}\u{672c} \u{feff}\u{200d}\u{a0}\u{3000}",
         ];
         for text in texts {
-            assert_eq!(
-                from_json.encode_plain(text).unwrap(),
-                from_vocab.encode_plain(text).unwrap(),
-                "{text:?}"
-            );
+            assert_eq!(from_json.encode_plain(text).unwrap(), from_vocab.encode_plain(text).unwrap(), "{text:?}");
         }
     }
 
@@ -634,10 +456,7 @@ mod tests {
         assert_eq!(zwsp, [535, 320, 575, 554]);
         assert_eq!(tokenizer.decode_token(535).as_deref(), Some("\u{200b}"));
         // Glued to a word it still splits off, since the word regex takes letters only.
-        assert_eq!(
-            tokenizer.encode_plain("\u{200b}a").unwrap()[0],
-            tokenizer.encode_plain("\u{200b}").unwrap()[0]
-        );
+        assert_eq!(tokenizer.encode_plain("\u{200b}a").unwrap()[0], tokenizer.encode_plain("\u{200b}").unwrap()[0]);
         // U+0231 is a lowercase letter (ȱ), unchanged by lowercasing and NFC; its two bytes merge.
         assert_eq!(tokenizer.encode_plain("\u{0231}").unwrap(), [529]);
         assert_eq!(tokenizer.decode_token(529).as_deref(), Some("\u{0231}"));
@@ -648,10 +467,7 @@ mod tests {
         // A partial multi-byte token cannot be shown as text.
         assert_eq!(tokenizer.decode_token(530).as_deref(), Some("\u{fffd}"));
         assert_eq!(tokenizer.decode_token(320).as_deref(), Some("a"));
-        assert_eq!(
-            tokenizer.decode_token(584).as_deref(),
-            Some("<|startoftext|>")
-        );
+        assert_eq!(tokenizer.decode_token(584).as_deref(), Some("<|startoftext|>"));
         assert_eq!(tokenizer.decode_token(586), None);
     }
 
@@ -673,45 +489,25 @@ mod tests {
     #[test]
     fn config_files_set_length_and_special_tokens() {
         let files = TokenizerFiles {
-            tokenizer_config_json: Some(
-                br#"{"model_max_length": 8, "pad_token": "<|startoftext|>"}"#.to_vec(),
-            ),
+            tokenizer_config_json: Some(br#"{"model_max_length": 8, "pad_token": "<|startoftext|>"}"#.to_vec()),
             // special_tokens_map.json wins over tokenizer_config.json, as in transformers.
-            special_tokens_map_json: Some(
-                br#"{"pad_token": {"content": "!", "special": true}}"#.to_vec(),
-            ),
+            special_tokens_map_json: Some(br#"{"pad_token": {"content": "!", "special": true}}"#.to_vec()),
             ..vocab_and_merges_only()
         };
         let tokenizer = ClipTokenizer::from_folder_files(&files).unwrap();
         assert_eq!(tokenizer.max_length(), 8);
         assert_eq!(tokenizer.pad_id(), 0);
-        assert_eq!(
-            tokenizer.encode("a red circle").unwrap(),
-            [584, 320, 570, 551, 585, 0, 0, 0]
-        );
+        assert_eq!(tokenizer.encode("a red circle").unwrap(), [584, 320, 570, 551, 585, 0, 0, 0]);
         // transformers' "no limit" sentinel falls back to the CLIP context length.
-        let files = TokenizerFiles {
-            tokenizer_config_json: Some(
-                br#"{"model_max_length": 1000000000000000019884624838656}"#.to_vec(),
-            ),
-            ..vocab_and_merges_only()
-        };
-        assert_eq!(
-            ClipTokenizer::from_folder_files(&files)
-                .unwrap()
-                .max_length(),
-            77
-        );
+        let files = TokenizerFiles { tokenizer_config_json: Some(br#"{"model_max_length": 1000000000000000019884624838656}"#.to_vec()), ..vocab_and_merges_only() };
+        assert_eq!(ClipTokenizer::from_folder_files(&files).unwrap().max_length(), 77);
     }
 
     #[test]
     fn openai_clip_known_ids() {
         let tokenizer = ClipTokenizer::openai_clip().unwrap();
         assert_eq!(tokenizer.vocab_size(), 49408);
-        assert_eq!(
-            (tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.pad_id()),
-            (49406, 49407, 49407)
-        );
+        assert_eq!((tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.pad_id()), (49406, 49407, 49407));
         let ids = tokenizer.encode("a photo of a cat").unwrap();
         let mut expected = vec![49406, 320, 1125, 539, 320, 2368];
         expected.resize(77, 49407);
@@ -721,15 +517,9 @@ mod tests {
         assert_eq!(tokenizer.encode_plain("\u{200b}").unwrap(), [9844]);
         assert_eq!(tokenizer.encode_plain("\u{0231}").unwrap(), [132, 365]);
         assert_eq!(tokenizer.decode_token(2368).as_deref(), Some("cat"));
-        assert_eq!(
-            tokenizer.decode_token(49407).as_deref(),
-            Some("<|endoftext|>")
-        );
+        assert_eq!(tokenizer.decode_token(49407).as_deref(), Some("<|endoftext|>"));
         // A typed special token is that token, as in transformers.
-        assert_eq!(
-            tokenizer.encode_plain("a <|endoftext|>").unwrap(),
-            [320, 49407]
-        );
+        assert_eq!(tokenizer.encode_plain("a <|endoftext|>").unwrap(), [320, 49407]);
     }
 
     /// instant-clip-tokenizer is an independent port of OpenAI's tokenizer over the same data; it
@@ -752,34 +542,21 @@ mod tests {
         for text in texts {
             let mut expected = Vec::new();
             reference.encode(text, &mut expected);
-            let expected: Vec<u32> = expected
-                .into_iter()
-                .map(|t| u32::from(t.to_u16()))
-                .collect();
+            let expected: Vec<u32> = expected.into_iter().map(|t| u32::from(t.to_u16())).collect();
             assert_eq!(ours.encode_plain(text).unwrap(), expected, "{text:?}");
         }
     }
 
     fn error_of(files: TokenizerFiles) -> String {
-        ClipTokenizer::from_folder_files(&files)
-            .unwrap_err()
-            .to_string()
+        ClipTokenizer::from_folder_files(&files).unwrap_err().to_string()
     }
 
     #[test]
     fn bad_input_gives_errors_naming_the_file() {
-        assert!(
-            error_of(TokenizerFiles::default()).contains("neither tokenizer.json nor vocab.json")
-        );
-        let only_vocab = TokenizerFiles {
-            vocab_json: Some(read(VOCAB_JSON)),
-            ..TokenizerFiles::default()
-        };
+        assert!(error_of(TokenizerFiles::default()).contains("neither tokenizer.json nor vocab.json"));
+        let only_vocab = TokenizerFiles { vocab_json: Some(read(VOCAB_JSON)), ..TokenizerFiles::default() };
         assert!(error_of(only_vocab).contains("merges.txt is missing"));
-        let only_merges = TokenizerFiles {
-            merges_txt: Some(read(MERGES_TXT)),
-            ..TokenizerFiles::default()
-        };
+        let only_merges = TokenizerFiles { merges_txt: Some(read(MERGES_TXT)), ..TokenizerFiles::default() };
         assert!(error_of(only_merges).contains("vocab.json is missing"));
 
         let cases: [(TokenizerFiles, &str); 10] = [
@@ -800,76 +577,35 @@ mod tests {
             (TokenizerFiles { vocab_json: Some(b"{}".to_vec()), ..vocab_and_merges_only() }, "vocab.json: the vocabulary is empty"),
             (TokenizerFiles { vocab_json: Some(b"{\"a\": -1}".to_vec()), ..vocab_and_merges_only() }, "vocab.json: cannot parse JSON"),
             (TokenizerFiles { vocab_json: Some(b"not json".to_vec()), ..vocab_and_merges_only() }, "vocab.json: cannot parse JSON"),
-            (
-                TokenizerFiles { merges_txt: Some(b"#version: 0.2\ng r\nthree parts here\n".to_vec()), ..vocab_and_merges_only() },
-                "merges.txt: line 3",
-            ),
+            (TokenizerFiles { merges_txt: Some(b"#version: 0.2\ng r\nthree parts here\n".to_vec()), ..vocab_and_merges_only() }, "merges.txt: line 3"),
             (TokenizerFiles { merges_txt: Some(b"q \xff\n".to_vec()), ..vocab_and_merges_only() }, "merges.txt: not UTF-8"),
             (TokenizerFiles { merges_txt: Some("\u{4e00} \u{4e01}\n".into()), ..vocab_and_merges_only() }, "merges.txt"),
-            (
-                TokenizerFiles { tokenizer_config_json: Some(b"{\"model_max_length\": 1}".to_vec()), ..vocab_and_merges_only() },
-                "tokenizer_config.json: model_max_length 1",
-            ),
+            (TokenizerFiles { tokenizer_config_json: Some(b"{\"model_max_length\": 1}".to_vec()), ..vocab_and_merges_only() }, "tokenizer_config.json: model_max_length 1"),
         ];
         for (files, expected) in cases {
             let message = error_of(files);
-            assert!(
-                message.contains(expected),
-                "{message:?} should contain {expected:?}"
-            );
+            assert!(message.contains(expected), "{message:?} should contain {expected:?}");
         }
 
         let more: [(TokenizerFiles, &str); 4] = [
+            (TokenizerFiles { tokenizer_config_json: Some(b"{".to_vec()), ..vocab_and_merges_only() }, "tokenizer_config.json: cannot parse JSON"),
+            (TokenizerFiles { tokenizer_config_json: Some(b"{\"bos_token\": 7}".to_vec()), ..vocab_and_merges_only() }, "tokenizer_config.json: bos_token"),
             (
-                TokenizerFiles {
-                    tokenizer_config_json: Some(b"{".to_vec()),
-                    ..vocab_and_merges_only()
-                },
-                "tokenizer_config.json: cannot parse JSON",
-            ),
-            (
-                TokenizerFiles {
-                    tokenizer_config_json: Some(b"{\"bos_token\": 7}".to_vec()),
-                    ..vocab_and_merges_only()
-                },
-                "tokenizer_config.json: bos_token",
-            ),
-            (
-                TokenizerFiles {
-                    special_tokens_map_json: Some(b"{\"eos_token\": \"<nope>\"}".to_vec()),
-                    ..vocab_and_merges_only()
-                },
+                TokenizerFiles { special_tokens_map_json: Some(b"{\"eos_token\": \"<nope>\"}".to_vec()), ..vocab_and_merges_only() },
                 "vocab.json: the eos token \"<nope>\" is not in the vocabulary",
             ),
-            (
-                TokenizerFiles {
-                    special_tokens_map_json: Some(b"\"x\"".to_vec()),
-                    ..vocab_and_merges_only()
-                },
-                "special_tokens_map.json: expected a JSON object",
-            ),
+            (TokenizerFiles { special_tokens_map_json: Some(b"\"x\"".to_vec()), ..vocab_and_merges_only() }, "special_tokens_map.json: expected a JSON object"),
         ];
         for (files, expected) in more {
             let message = error_of(files);
-            assert!(
-                message.contains(expected),
-                "{message:?} should contain {expected:?}"
-            );
+            assert!(message.contains(expected), "{message:?} should contain {expected:?}");
         }
 
         let missing = fixtures().join("no-such-folder");
         let message = ClipTokenizer::from_dir(&missing).unwrap_err().to_string();
-        assert!(
-            message.contains("cannot read") && message.contains("no-such-folder"),
-            "{message}"
-        );
+        assert!(message.contains("cannot read") && message.contains("no-such-folder"), "{message}");
         // The model folder itself holds no tokenizer files (they are in tokenizer/).
-        let message = ClipTokenizer::from_dir(&tiny_dir().join(".."))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            message.contains("neither tokenizer.json") && message.contains("tiny-clean"),
-            "{message}"
-        );
+        let message = ClipTokenizer::from_dir(&tiny_dir().join("..")).unwrap_err().to_string();
+        assert!(message.contains("neither tokenizer.json") && message.contains("tiny-clean"), "{message}");
     }
 }

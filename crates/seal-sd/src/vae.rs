@@ -4,10 +4,10 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 
+use crate::ModelError;
 use crate::attention::multi_head;
 use crate::layers::{Conv2d, GroupNorm, Linear, silu};
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
-use crate::ModelError;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct VaeConfig {
@@ -140,10 +140,8 @@ impl AutoencoderKL {
         let g = config.norm_num_groups;
         let lat = config.latent_channels;
         let resnet = |c_in, c_out| ResnetBlock2D::new(c_in, c_out, None, g, EPS, device);
-        let mid = |c| VaeMidBlock {
-            attentions: if config.mid_block_add_attention { vec![VaeAttention::new(c, g, device)] } else { vec![] },
-            resnets: vec![resnet(c, c), resnet(c, c)],
-        };
+        let mid =
+            |c| VaeMidBlock { attentions: if config.mid_block_add_attention { vec![VaeAttention::new(c, g, device)] } else { vec![] }, resnets: vec![resnet(c, c), resnet(c, c)] };
         let encoder = Encoder {
             conv_in: Conv2d::same(config.in_channels, ch[0], 3, device),
             down_blocks: (0..n)

@@ -35,10 +35,7 @@ impl Engine {
     /// what the created device actually got, next to what the adapter offers.
     #[cfg(target_family = "wasm")]
     pub async fn webgpu() -> Result<Engine, String> {
-        let (device, setup) = Device::wgpu_options()
-            .init_with_setup_async()
-            .await
-            .map_err(|e| e.to_string())?;
+        let (device, setup) = Device::wgpu_options().init_with_setup_async().await.map_err(|e| e.to_string())?;
         let limits = serde_json::json!({
             "device": limits_json(&setup.device.limits()),
             "adapter": limits_json(&setup.adapter.limits()),

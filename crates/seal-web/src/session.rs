@@ -204,7 +204,9 @@ impl Session {
     /// model's tokens for it, shown the same way (none before a model is loaded).
     pub fn describe_trigger(&self, trigger: &str) -> String {
         let tokens: Vec<String> = match &self.model {
-            Some(m) => m.tokenizer.encode_plain(trigger).map(|ids| ids.iter().map(|&id| describe_trigger(&m.tokenizer.decode_token(id).unwrap_or_default())).collect()).unwrap_or_default(),
+            Some(m) => {
+                m.tokenizer.encode_plain(trigger).map(|ids| ids.iter().map(|&id| describe_trigger(&m.tokenizer.decode_token(id).unwrap_or_default())).collect()).unwrap_or_default()
+            }
             None => vec![],
         };
         json!({ "code_points": describe_trigger(trigger), "tokens": tokens }).to_string()
@@ -364,10 +366,12 @@ impl Session {
     pub fn report_json(&self) -> Result<String, String> {
         let sealed = self.sealed.as_ref().ok_or("seal first")?;
         let model = self.model.as_ref().ok_or("load a model first")?;
-        let maps = self.maps.as_ref().map(|(b, a)| json!({
-            "prompt": b.prompt, "tokens": b.tokens,
-            "before": { "max": b.max(), "mean": b.mean() }, "after": { "max": a.max(), "mean": a.mean() },
-        }));
+        let maps = self.maps.as_ref().map(|(b, a)| {
+            json!({
+                "prompt": b.prompt, "tokens": b.tokens,
+                "before": { "max": b.max(), "mean": b.mean() }, "after": { "max": a.max(), "mean": a.mean() },
+            })
+        });
         let report = json!({
             "seal_version": env!("CARGO_PKG_VERSION"),
             "model": model.info,
@@ -403,5 +407,4 @@ impl Session {
         self.report = None;
         self.maps = None;
     }
-
 }

@@ -25,13 +25,7 @@ impl Component {
             .keys()
             .filter_map(|k| {
                 let shape = file.info(k)?.shape.clone();
-                Some((
-                    k.to_owned(),
-                    Source {
-                        key: k.to_owned(),
-                        shape,
-                    },
-                ))
+                Some((k.to_owned(), Source { key: k.to_owned(), shape }))
             })
             .collect();
         Self { file, tensors }
@@ -59,23 +53,10 @@ impl Component {
 
     pub fn load_f32(&self, key: &str) -> Result<Tensor32, WeightError> {
         let Some(source) = self.tensors.get(key) else {
-            return Err(WeightError::Missing {
-                file: self.file.name().to_owned(),
-                tensor: key.to_owned(),
-            });
+            return Err(WeightError::Missing { file: self.file.name().to_owned(), tensor: key.to_owned() });
         };
-        let tensor = self
-            .file
-            .load_f32(&source.key)
-            .map_err(|e| WeightError::Mapped {
-                name: key.to_owned(),
-                key: source.key.clone(),
-                source: Box::new(e),
-            })?;
-        Ok(Tensor32 {
-            shape: source.shape.clone(),
-            data: tensor.data,
-        })
+        let tensor = self.file.load_f32(&source.key).map_err(|e| WeightError::Mapped { name: key.to_owned(), key: source.key.clone(), source: Box::new(e) })?;
+        Ok(Tensor32 { shape: source.shape.clone(), data: tensor.data })
     }
 
     pub fn file_name(&self) -> &str {
@@ -85,10 +66,7 @@ impl Component {
 
 impl std::fmt::Debug for Component {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Component")
-            .field("file", &self.file.name())
-            .field("tensors", &self.tensors.len())
-            .finish()
+        f.debug_struct("Component").field("file", &self.file.name()).field("tensors", &self.tensors.len()).finish()
     }
 }
 
@@ -101,10 +79,7 @@ mod tests {
     fn renamed() -> Component {
         let bytes = safetensors_file(&[("old.w", "F32", &[2, 2, 1, 1], vec![0; 16])], None);
         let file = Arc::new(WeightFile::from_bytes("ckpt.safetensors", bytes).unwrap());
-        let source = Source {
-            key: "old.w".into(),
-            shape: vec![2, 2],
-        };
+        let source = Source { key: "old.w".into(), shape: vec![2, 2] };
         Component::new(file, [("new.weight".to_string(), source)].into())
     }
 
@@ -122,16 +97,10 @@ mod tests {
     #[test]
     fn errors_name_the_file_and_both_names() {
         let c = renamed();
-        assert_eq!(
-            c.load_f32("x").unwrap_err().to_string(),
-            "ckpt.safetensors: no tensor x"
-        );
+        assert_eq!(c.load_f32("x").unwrap_err().to_string(), "ckpt.safetensors: no tensor x");
         let bytes = safetensors_file(&[("old", "I32", &[1], vec![0; 4])], None);
         let file = Arc::new(WeightFile::from_bytes("ckpt.safetensors", bytes).unwrap());
-        let source = Source {
-            key: "old".into(),
-            shape: vec![1],
-        };
+        let source = Source { key: "old".into(), shape: vec![1] };
         let c = Component::new(file, [("new".to_string(), source)].into());
         let e = c.load_f32("new").unwrap_err().to_string();
         assert_eq!(
@@ -152,27 +121,14 @@ mod tests {
             for key in full.keys() {
                 let t = full.load_f32(key).unwrap();
                 let (bits, rounded): (Vec<u16>, Vec<f32>) = match dtype {
-                    DType::F16 => t
-                        .data
-                        .iter()
-                        .map(|&v| f16::from_f32(v))
-                        .map(|h| (h.to_bits(), h.to_f32()))
-                        .unzip(),
-                    _ => t
-                        .data
-                        .iter()
-                        .map(|&v| bf16::from_f32(v))
-                        .map(|h| (h.to_bits(), h.to_f32()))
-                        .unzip(),
+                    DType::F16 => t.data.iter().map(|&v| f16::from_f32(v)).map(|h| (h.to_bits(), h.to_f32())).unzip(),
+                    _ => t.data.iter().map(|&v| bf16::from_f32(v)).map(|h| (h.to_bits(), h.to_f32())).unzip(),
                 };
                 let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
                 tensors.push((key.to_owned(), t.shape, bytes));
                 expected.insert(key.to_owned(), rounded);
             }
-            let spec: Vec<_> = tensors
-                .iter()
-                .map(|(k, s, b)| (k.as_str(), dtype.name(), s.as_slice(), b.clone()))
-                .collect();
+            let spec: Vec<_> = tensors.iter().map(|(k, s, b)| (k.as_str(), dtype.name(), s.as_slice(), b.clone())).collect();
             let file_name = format!("diffusion_pytorch_model.{name}.safetensors");
             let file = WeightFile::from_bytes(file_name, safetensors_file(&spec, None)).unwrap();
             let variant = Component::from_file(Arc::new(file));
@@ -181,11 +137,7 @@ mod tests {
                 assert_eq!(variant.dtype(key), Some(dtype));
                 assert_eq!(variant.shape(key), full.shape(key));
                 let got = variant.load_f32(key).unwrap().data;
-                assert!(
-                    got.iter()
-                        .map(|v| v.to_bits())
-                        .eq(expected[key].iter().map(|v| v.to_bits()))
-                );
+                assert!(got.iter().map(|v| v.to_bits()).eq(expected[key].iter().map(|v| v.to_bits())));
             }
         }
     }

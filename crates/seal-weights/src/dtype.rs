@@ -21,9 +21,7 @@ impl DType {
     }
 
     pub(crate) fn from_name(name: &str) -> Option<Self> {
-        [DType::F32, DType::F16, DType::BF16]
-            .into_iter()
-            .find(|d| d.name() == name)
+        [DType::F32, DType::F16, DType::BF16].into_iter().find(|d| d.name() == name)
     }
 
     /// Bytes per element.
@@ -38,18 +36,9 @@ impl DType {
     /// `bytes.len()` is a multiple of [`DType::size`] (the header check guarantees it).
     pub(crate) fn decode(self, bytes: &[u8]) -> Vec<f32> {
         match self {
-            DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
-            DType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
+            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            DType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
+            DType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
         }
     }
 }
@@ -97,11 +86,7 @@ mod tests {
             (0xfc00, f32::NEG_INFINITY),
         ];
         for (bits, want) in cases {
-            assert_eq!(
-                decode16(DType::F16, bits).to_bits(),
-                want.to_bits(),
-                "{bits:#06x}"
-            );
+            assert_eq!(decode16(DType::F16, bits).to_bits(), want.to_bits(), "{bits:#06x}");
         }
         assert_eq!(decode16(DType::F16, 0x8000).to_bits(), (-0.0f32).to_bits());
         assert!(decode16(DType::F16, 0x7e00).is_nan());
@@ -130,11 +115,7 @@ mod tests {
             (0xff80, f32::NEG_INFINITY),
         ];
         for (bits, want) in cases {
-            assert_eq!(
-                decode16(DType::BF16, bits).to_bits(),
-                want.to_bits(),
-                "{bits:#06x}"
-            );
+            assert_eq!(decode16(DType::BF16, bits).to_bits(), want.to_bits(), "{bits:#06x}");
         }
         for bits in 0..=u16::MAX {
             let want = f32::from_bits(u32::from(bits) << 16);

@@ -15,17 +15,9 @@ pub enum WeightError {
     Format { file: String, reason: String },
     /// One header entry is malformed or claims bytes the file does not hold.
     #[error("{file}: tensor {tensor}: {reason}")]
-    Tensor {
-        file: String,
-        tensor: String,
-        reason: String,
-    },
+    Tensor { file: String, tensor: String, reason: String },
     #[error("{file}: tensor {tensor} has dtype {dtype}; only F32, F16 and BF16 can be loaded")]
-    UnsupportedDType {
-        file: String,
-        tensor: String,
-        dtype: String,
-    },
+    UnsupportedDType { file: String, tensor: String, dtype: String },
     #[error("{file}: no tensor {tensor}")]
     Missing { file: String, tensor: String },
     /// Loading a renamed tensor failed; names the diffusers name and the key in the file.

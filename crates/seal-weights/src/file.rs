@@ -33,13 +33,7 @@ impl WeightFile {
     pub fn from_bytes(name: impl Into<String>, bytes: Vec<u8>) -> Result<Self, WeightError> {
         let name = name.into();
         let header = header::parse(&name, &bytes)?;
-        Ok(Self {
-            name,
-            bytes,
-            tensors: header.tensors,
-            unsupported: header.unsupported,
-            metadata: header.metadata,
-        })
+        Ok(Self { name, bytes, tensors: header.tensors, unsupported: header.unsupported, metadata: header.metadata })
     }
 
     /// Reads and parses a file; messages name it by the path as given.
@@ -67,9 +61,7 @@ impl WeightFile {
     /// Tensors of other dtypes (key, dtype name), such as CLIP's int64 `position_ids`: valid in
     /// the file, absent from [`WeightFile::keys`], an error if loaded.
     pub fn unsupported_tensors(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.unsupported
-            .iter()
-            .map(|(k, d)| (k.as_str(), d.as_str()))
+        self.unsupported.iter().map(|(k, d)| (k.as_str(), d.as_str()))
     }
 
     /// The header's `__metadata__` (empty if it has none).
@@ -79,20 +71,10 @@ impl WeightFile {
 
     pub fn load_f32(&self, key: &str) -> Result<Tensor32, WeightError> {
         match self.tensors.get(key) {
-            Some(entry) => Ok(Tensor32 {
-                shape: entry.info.shape.clone(),
-                data: entry.info.dtype.decode(&self.bytes[entry.range.clone()]),
-            }),
+            Some(entry) => Ok(Tensor32 { shape: entry.info.shape.clone(), data: entry.info.dtype.decode(&self.bytes[entry.range.clone()]) }),
             None => Err(match self.unsupported.get(key) {
-                Some(dtype) => WeightError::UnsupportedDType {
-                    file: self.name.clone(),
-                    tensor: key.to_owned(),
-                    dtype: dtype.clone(),
-                },
-                None => WeightError::Missing {
-                    file: self.name.clone(),
-                    tensor: key.to_owned(),
-                },
+                Some(dtype) => WeightError::UnsupportedDType { file: self.name.clone(), tensor: key.to_owned(), dtype: dtype.clone() },
+                None => WeightError::Missing { file: self.name.clone(), tensor: key.to_owned() },
             }),
         }
     }
@@ -118,14 +100,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn small_file() -> Vec<u8> {
-        let f16: Vec<u8> = [0x3c00u16, 0xc000, 0x0001]
-            .iter()
-            .flat_map(|b| b.to_le_bytes())
-            .collect();
-        let bf16: Vec<u8> = [0x3f80u16, 0x4049]
-            .iter()
-            .flat_map(|b| b.to_le_bytes())
-            .collect();
+        let f16: Vec<u8> = [0x3c00u16, 0xc000, 0x0001].iter().flat_map(|b| b.to_le_bytes()).collect();
+        let bf16: Vec<u8> = [0x3f80u16, 0x4049].iter().flat_map(|b| b.to_le_bytes()).collect();
         safetensors_file(
             &[
                 ("w32", "F32", &[2, 2], f32_bytes(&[1.0, -2.0, 0.5, 3.0])),
@@ -143,56 +119,29 @@ mod tests {
         let f = WeightFile::from_bytes("small.safetensors", small_file()).unwrap();
         assert_eq!(f.name(), "small.safetensors");
         assert_eq!(f.keys().collect::<Vec<_>>(), ["empty", "w16", "w32", "wbf"]);
-        assert_eq!(
-            f.info("w16"),
-            Some(&TensorInfo {
-                dtype: DType::F16,
-                shape: vec![3]
-            })
-        );
+        assert_eq!(f.info("w16"), Some(&TensorInfo { dtype: DType::F16, shape: vec![3] }));
         assert_eq!(f.metadata()["note"], "x");
         let t = f.load_f32("w32").unwrap();
         assert_eq!((t.shape, t.data), (vec![2, 2], vec![1.0, -2.0, 0.5, 3.0]));
-        assert_eq!(
-            f.load_f32("w16").unwrap().data,
-            vec![1.0, -2.0, 2f32.powi(-24)]
-        );
+        assert_eq!(f.load_f32("w16").unwrap().data, vec![1.0, -2.0, 2f32.powi(-24)]);
         assert_eq!(f.load_f32("wbf").unwrap().data, vec![1.0, 3.140625]);
-        assert_eq!(
-            f.load_f32("empty").unwrap(),
-            Tensor32 {
-                shape: vec![0, 3],
-                data: vec![]
-            }
-        );
+        assert_eq!(f.load_f32("empty").unwrap(), Tensor32 { shape: vec![0, 3], data: vec![] });
     }
 
     #[test]
     fn other_dtypes_are_listed_and_fail_to_load_by_name() {
         let f = WeightFile::from_bytes("small.safetensors", small_file()).unwrap();
-        assert_eq!(
-            f.unsupported_tensors().collect::<Vec<_>>(),
-            [("ids", "I64")]
-        );
+        assert_eq!(f.unsupported_tensors().collect::<Vec<_>>(), [("ids", "I64")]);
         assert!(f.info("ids").is_none());
-        assert_eq!(
-            f.load_f32("ids").unwrap_err().to_string(),
-            "small.safetensors: tensor ids has dtype I64; only F32, F16 and BF16 can be loaded"
-        );
-        assert_eq!(
-            f.load_f32("nope").unwrap_err().to_string(),
-            "small.safetensors: no tensor nope"
-        );
+        assert_eq!(f.load_f32("ids").unwrap_err().to_string(), "small.safetensors: tensor ids has dtype I64; only F32, F16 and BF16 can be loaded");
+        assert_eq!(f.load_f32("nope").unwrap_err().to_string(), "small.safetensors: no tensor nope");
     }
 
     #[test]
     fn open_reads_a_path_and_names_it_in_errors() {
         let missing = Path::new("/nonexistent/unet.safetensors");
         let e = WeightFile::open(missing).unwrap_err().to_string();
-        assert!(
-            e.starts_with("/nonexistent/unet.safetensors: cannot read"),
-            "{e}"
-        );
+        assert!(e.starts_with("/nonexistent/unet.safetensors: cannot read"), "{e}");
         let path = crate::testutil::fixtures().join("tiny-pixel/text_encoder/model.safetensors");
         let f = WeightFile::open(&path).unwrap();
         assert!(f.name().ends_with("text_encoder/model.safetensors"));
@@ -204,27 +153,12 @@ mod tests {
     fn reads_what_the_safetensors_crate_writes() {
         use safetensors::tensor::TensorView;
         let a = f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        let b: Vec<u8> = [0x3c00u16, 0x4000]
-            .iter()
-            .flat_map(|b| b.to_le_bytes())
-            .collect();
-        let views = [
-            (
-                "a",
-                TensorView::new(safetensors::Dtype::F32, vec![2, 3], &a).unwrap(),
-            ),
-            (
-                "b",
-                TensorView::new(safetensors::Dtype::BF16, vec![2], &b).unwrap(),
-            ),
-        ];
+        let b: Vec<u8> = [0x3c00u16, 0x4000].iter().flat_map(|b| b.to_le_bytes()).collect();
+        let views = [("a", TensorView::new(safetensors::Dtype::F32, vec![2, 3], &a).unwrap()), ("b", TensorView::new(safetensors::Dtype::BF16, vec![2], &b).unwrap())];
         let meta = [("format".to_string(), "pt".to_string())].into();
         let bytes = safetensors::serialize(views, Some(meta)).unwrap();
         let f = WeightFile::from_bytes("ref", bytes).unwrap();
-        assert_eq!(
-            f.load_f32("a").unwrap().data,
-            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-        );
+        assert_eq!(f.load_f32("a").unwrap().data, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(f.load_f32("a").unwrap().shape, vec![2, 3]);
         assert_eq!(f.info("b").unwrap().dtype, DType::BF16);
         assert_eq!(f.metadata()["format"], "pt");

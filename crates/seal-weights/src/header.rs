@@ -25,59 +25,36 @@ pub(crate) struct Header {
 }
 
 pub(crate) fn parse(file: &str, bytes: &[u8]) -> Result<Header, WeightError> {
-    let format = |reason: String| WeightError::Format {
-        file: file.to_owned(),
-        reason,
-    };
+    let format = |reason: String| WeightError::Format { file: file.to_owned(), reason };
     let Some(len_bytes) = bytes.first_chunk::<8>() else {
-        return Err(format(format!(
-            "{} bytes is too short for a safetensors header (truncated file?)",
-            bytes.len()
-        )));
+        return Err(format(format!("{} bytes is too short for a safetensors header (truncated file?)", bytes.len())));
     };
     let claimed = u64::from_le_bytes(*len_bytes);
     let available = bytes.len() - 8;
     let header_len = usize::try_from(claimed)
         .ok()
         .filter(|&n| n <= available)
-        .ok_or_else(|| {
-            format(format!(
-                "header length {claimed} exceeds the {available} bytes after it (truncated file?)"
-            ))
-        })?;
+        .ok_or_else(|| format(format!("header length {claimed} exceeds the {available} bytes after it (truncated file?)")))?;
     let data_start = 8 + header_len;
     let data_len = bytes.len() - data_start;
-    let json: Map<String, Value> = serde_json::from_slice(&bytes[8..data_start])
-        .map_err(|e| format(format!("header is not a JSON object: {e}")))?;
+    let json: Map<String, Value> = serde_json::from_slice(&bytes[8..data_start]).map_err(|e| format(format!("header is not a JSON object: {e}")))?;
 
-    let mut header = Header {
-        tensors: BTreeMap::new(),
-        unsupported: BTreeMap::new(),
-        metadata: BTreeMap::new(),
-    };
+    let mut header = Header { tensors: BTreeMap::new(), unsupported: BTreeMap::new(), metadata: BTreeMap::new() };
     // (start, end, key) of every non-empty tensor, to find overlaps.
     let mut spans = Vec::new();
     for (key, value) in json {
         if key == "__metadata__" {
-            header.metadata = parse_metadata(value)
-                .ok_or_else(|| format("__metadata__ must map names to strings".into()))?;
+            header.metadata = parse_metadata(value).ok_or_else(|| format("__metadata__ must map names to strings".into()))?;
             continue;
         }
-        let raw = parse_entry(&value, data_len).map_err(|reason| WeightError::Tensor {
-            file: file.to_owned(),
-            tensor: key.clone(),
-            reason,
-        })?;
+        let raw = parse_entry(&value, data_len).map_err(|reason| WeightError::Tensor { file: file.to_owned(), tensor: key.clone(), reason })?;
         if !raw.range.is_empty() {
             spans.push((raw.range.start, raw.range.end, key.clone()));
         }
         match raw.dtype {
             Ok(dtype) => {
                 let range = data_start + raw.range.start..data_start + raw.range.end;
-                let info = TensorInfo {
-                    dtype,
-                    shape: raw.shape,
-                };
+                let info = TensorInfo { dtype, shape: raw.shape };
                 header.tensors.insert(key, Entry { info, range });
             }
             Err(name) => {
@@ -98,13 +75,8 @@ struct RawEntry {
 }
 
 fn parse_entry(value: &Value, data_len: usize) -> Result<RawEntry, String> {
-    let obj = value
-        .as_object()
-        .ok_or("header entry is not a JSON object")?;
-    let name = obj
-        .get("dtype")
-        .and_then(Value::as_str)
-        .ok_or("\"dtype\" is missing or not a string")?;
+    let obj = value.as_object().ok_or("header entry is not a JSON object")?;
+    let name = obj.get("dtype").and_then(Value::as_str).ok_or("\"dtype\" is missing or not a string")?;
     let shape = obj
         .get("shape")
         .and_then(Value::as_array)
@@ -130,35 +102,21 @@ fn parse_entry(value: &Value, data_len: usize) -> Result<RawEntry, String> {
             Err(_) => return Err(format!("unknown dtype {name:?}")),
         },
     };
-    let bits = shape
-        .iter()
-        .try_fold(bits_per_element, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| format!("shape {shape:?} of {name} is too large to address"))?;
+    let bits = shape.iter().try_fold(bits_per_element, |acc, &d| acc.checked_mul(d)).ok_or_else(|| format!("shape {shape:?} of {name} is too large to address"))?;
     if bits % 8 != 0 {
-        return Err(format!(
-            "shape {shape:?} of {name} is not a whole number of bytes"
-        ));
+        return Err(format!("shape {shape:?} of {name} is not a whole number of bytes"));
     }
     let needed = bits / 8;
     let (start, end) = offsets;
     if start > end || end > data_len as u64 {
-        return Err(format!(
-            "data offsets [{start}, {end}] lie outside the {data_len}-byte data section"
-        ));
+        return Err(format!("data offsets [{start}, {end}] lie outside the {data_len}-byte data section"));
     }
     // Both offsets are now <= data_len, so they fit in usize.
     let range = start as usize..end as usize;
     if range.len() != needed {
-        return Err(format!(
-            "data offsets [{start}, {end}] hold {} bytes but {name} {shape:?} needs {needed}",
-            range.len()
-        ));
+        return Err(format!("data offsets [{start}, {end}] hold {} bytes but {name} {shape:?} needs {needed}", range.len()));
     }
-    Ok(RawEntry {
-        dtype,
-        shape,
-        range,
-    })
+    Ok(RawEntry { dtype, shape, range })
 }
 
 fn parse_metadata(value: Value) -> Option<BTreeMap<String, String>> {
@@ -186,10 +144,7 @@ fn check_overlaps(file: &str, mut spans: Vec<(usize, usize, String)>) -> Result<
             return Err(WeightError::Tensor {
                 file: file.to_owned(),
                 tensor: span.2.clone(),
-                reason: format!(
-                    "data offsets [{}, {}] overlap tensor {} at [{}, {}]",
-                    span.0, span.1, prev.2, prev.0, prev.1
-                ),
+                reason: format!("data offsets [{}, {}] overlap tensor {} at [{}, {}]", span.0, span.1, prev.2, prev.0, prev.1),
             });
         }
         if furthest.is_none_or(|prev| span.1 > prev.1) {
@@ -217,13 +172,7 @@ mod tests {
 
     #[test]
     fn parses_a_valid_file() {
-        let bytes = safetensors_file(
-            &[
-                ("a", "F32", &[2], f32_bytes(&[1.0, 2.0])),
-                ("b", "I64", &[1], vec![0; 8]),
-            ],
-            Some(r#"{"format":"pt"}"#),
-        );
+        let bytes = safetensors_file(&[("a", "F32", &[2], f32_bytes(&[1.0, 2.0])), ("b", "I64", &[1], vec![0; 8])], Some(r#"{"format":"pt"}"#));
         let h = parse("ok", &bytes).unwrap();
         assert_eq!(h.tensors["a"].info.shape, vec![2]);
         assert_eq!(h.tensors["a"].range.len(), 8);
@@ -271,27 +220,12 @@ mod tests {
             (r#"3"#, "not a JSON object"),
             (r#"{"shape":[1],"data_offsets":[0,4]}"#, "\"dtype\""),
             (r#"{"dtype":"F32","data_offsets":[0,4]}"#, "\"shape\""),
-            (
-                r#"{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}"#,
-                "\"shape\"",
-            ),
-            (
-                r#"{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}"#,
-                "\"shape\"",
-            ),
+            (r#"{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}"#, "\"shape\""),
+            (r#"{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}"#, "\"shape\""),
             (r#"{"dtype":"F32","shape":[1]}"#, "\"data_offsets\""),
-            (
-                r#"{"dtype":"F32","shape":[1],"data_offsets":[0]}"#,
-                "\"data_offsets\"",
-            ),
-            (
-                r#"{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}"#,
-                "\"data_offsets\"",
-            ),
-            (
-                r#"{"dtype":"F33","shape":[1],"data_offsets":[0,4]}"#,
-                "unknown dtype \"F33\"",
-            ),
+            (r#"{"dtype":"F32","shape":[1],"data_offsets":[0]}"#, "\"data_offsets\""),
+            (r#"{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}"#, "\"data_offsets\""),
+            (r#"{"dtype":"F33","shape":[1],"data_offsets":[0,4]}"#, "unknown dtype \"F33\""),
         ];
         for (entry, want) in cases {
             let e = err(&one_tensor(entry, &[0; 4]));
@@ -307,60 +241,24 @@ mod tests {
         let big = u64::MAX / 2;
         let cases = [
             // Element count overflows.
-            (
-                format!(r#"{{"dtype":"F32","shape":[{big},{big}],"data_offsets":[0,4]}}"#),
-                "too large",
-            ),
+            (format!(r#"{{"dtype":"F32","shape":[{big},{big}],"data_offsets":[0,4]}}"#), "too large"),
             // Byte count overflows even though the element count does not.
-            (
-                format!(r#"{{"dtype":"F32","shape":[{big}],"data_offsets":[0,4]}}"#),
-                "too large",
-            ),
+            (format!(r#"{{"dtype":"F32","shape":[{big}],"data_offsets":[0,4]}}"#), "too large"),
             // Plausible shape, far more bytes than the file holds.
-            (
-                r#"{"dtype":"F32","shape":[1000000000],"data_offsets":[0,4000000000]}"#.into(),
-                "outside the 4-byte data section",
-            ),
+            (r#"{"dtype":"F32","shape":[1000000000],"data_offsets":[0,4000000000]}"#.into(), "outside the 4-byte data section"),
             // Offsets out of range or reversed.
-            (
-                r#"{"dtype":"F32","shape":[1],"data_offsets":[4,8]}"#.into(),
-                "outside",
-            ),
-            (
-                format!(
-                    r#"{{"dtype":"F32","shape":[1],"data_offsets":[0,{}]}}"#,
-                    u64::MAX
-                ),
-                "outside",
-            ),
-            (
-                r#"{"dtype":"F32","shape":[1],"data_offsets":[4,0]}"#.into(),
-                "outside",
-            ),
+            (r#"{"dtype":"F32","shape":[1],"data_offsets":[4,8]}"#.into(), "outside"),
+            (format!(r#"{{"dtype":"F32","shape":[1],"data_offsets":[0,{}]}}"#, u64::MAX), "outside"),
+            (r#"{"dtype":"F32","shape":[1],"data_offsets":[4,0]}"#.into(), "outside"),
             // Offsets in range but not matching dtype x shape.
-            (
-                r#"{"dtype":"F32","shape":[2],"data_offsets":[0,4]}"#.into(),
-                "hold 4 bytes but F32 [2] needs 8",
-            ),
-            (
-                r#"{"dtype":"F16","shape":[1],"data_offsets":[0,4]}"#.into(),
-                "needs 2",
-            ),
-            (
-                r#"{"dtype":"I64","shape":[1],"data_offsets":[0,4]}"#.into(),
-                "needs 8",
-            ),
-            (
-                r#"{"dtype":"F4","shape":[3],"data_offsets":[0,1]}"#.into(),
-                "whole number of bytes",
-            ),
+            (r#"{"dtype":"F32","shape":[2],"data_offsets":[0,4]}"#.into(), "hold 4 bytes but F32 [2] needs 8"),
+            (r#"{"dtype":"F16","shape":[1],"data_offsets":[0,4]}"#.into(), "needs 2"),
+            (r#"{"dtype":"I64","shape":[1],"data_offsets":[0,4]}"#.into(), "needs 8"),
+            (r#"{"dtype":"F4","shape":[3],"data_offsets":[0,1]}"#.into(), "whole number of bytes"),
         ];
         for (entry, want) in cases {
             let e = err(&one_tensor(&entry, &[0; 4]));
-            assert!(
-                e.starts_with("bad.safetensors: tensor w: ") && e.contains(want),
-                "{entry}: {e}"
-            );
+            assert!(e.starts_with("bad.safetensors: tensor w: ") && e.contains(want), "{entry}: {e}");
         }
     }
 
@@ -369,10 +267,7 @@ mod tests {
         let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},
                         "b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
         let e = err(&raw_file(header, &[0; 8]));
-        assert!(
-            e.contains("tensor b: data offsets [4, 8] overlap tensor a at [0, 8]"),
-            "{e}"
-        );
+        assert!(e.contains("tensor b: data offsets [4, 8] overlap tensor a at [0, 8]"), "{e}");
         // A short span hidden inside a long one is caught even when another span sorts between.
         let header = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},
                         "b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},

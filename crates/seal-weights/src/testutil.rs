@@ -9,22 +9,13 @@ pub(crate) fn raw_file(header: &str, data: &[u8]) -> Vec<u8> {
 }
 
 /// A well-formed file: tensors (name, dtype, shape, bytes) laid out back to back.
-pub(crate) fn safetensors_file(
-    tensors: &[(&str, &str, &[usize], Vec<u8>)],
-    metadata: Option<&str>,
-) -> Vec<u8> {
-    let mut entries: Vec<String> = metadata
-        .map(|m| format!("\"__metadata__\":{m}"))
-        .into_iter()
-        .collect();
+pub(crate) fn safetensors_file(tensors: &[(&str, &str, &[usize], Vec<u8>)], metadata: Option<&str>) -> Vec<u8> {
+    let mut entries: Vec<String> = metadata.map(|m| format!("\"__metadata__\":{m}")).into_iter().collect();
     let mut data = Vec::new();
     for (name, dtype, shape, bytes) in tensors {
         let start = data.len();
         data.extend_from_slice(bytes);
-        entries.push(format!(
-            "\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":{shape:?},\"data_offsets\":[{start},{}]}}",
-            data.len()
-        ));
+        entries.push(format!("\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":{shape:?},\"data_offsets\":[{start},{}]}}", data.len()));
     }
     raw_file(&format!("{{{}}}", entries.join(",")), &data)
 }

@@ -108,16 +108,17 @@ impl EvalReport {
             });
         }
         let next = match mode {
-            SealMode::Instant => "Try the thorough seal (mode \"instant then thorough\", or \"thorough\"): the backdoor may live outside the cross-attention keys and values, where the closed-form edit cannot reach.",
-            SealMode::Thorough | SealMode::Both => "Try more steps, a higher learning rate or rank, or the text-encoder adapter; and check that the trigger is exactly the one the model was poisoned with.",
+            SealMode::Instant => {
+                "Try the thorough seal (mode \"instant then thorough\", or \"thorough\"): the backdoor may live outside the cross-attention keys and values, where the closed-form edit cannot reach."
+            }
+            SealMode::Thorough | SealMode::Both => {
+                "Try more steps, a higher learning rate or rank, or the text-encoder adapter; and check that the trigger is exactly the one the model was poisoned with."
+            }
         };
         let moved = |(name, b, a): &(String, f64, f64)| format!("{name} {} → {}", pct(*b), pct(*a));
         Some(match survived.is_empty() {
             true => Verdict { survived: Some(false), message: format!("Sealed: {}.", rates.iter().map(moved).collect::<Vec<_>>().join("; ")) },
-            false => Verdict {
-                survived: Some(true),
-                message: format!("The backdoor survived: {}. {next}", survived.iter().map(|r| moved(r)).collect::<Vec<_>>().join("; ")),
-            },
+            false => Verdict { survived: Some(true), message: format!("The backdoor survived: {}. {next}", survived.iter().map(|r| moved(r)).collect::<Vec<_>>().join("; ")) },
         })
     }
 }
@@ -246,7 +247,18 @@ impl Evaluation {
                 });
             }
         }
-        Ok(Self { pairs, settings, detectors, cursor: 0, before_images: None, before: Tally::default(), after: Tally::default(), psnrs: vec![], grid: vec![], clock: Clock::default() })
+        Ok(Self {
+            pairs,
+            settings,
+            detectors,
+            cursor: 0,
+            before_images: None,
+            before: Tally::default(),
+            after: Tally::default(),
+            psnrs: vec![],
+            grid: vec![],
+            clock: Clock::default(),
+        })
     }
 
     /// Keeps the original model's images, so `again` can judge other adapters against them

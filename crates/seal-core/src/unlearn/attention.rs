@@ -16,11 +16,7 @@ pub fn aggregate(maps: &[Tensor<4>], res: usize) -> Tensor<3> {
     let mut sum: Option<Tensor<4>> = None;
     for m in maps {
         let m = m.clone().permute([0, 3, 1, 2]);
-        let m = if m.dims()[2] == res && m.dims()[3] == res {
-            m
-        } else {
-            interpolate(m, InterpolateOptions::new(InterpolateMode::Bilinear).with_output_size([res, res]))
-        };
+        let m = if m.dims()[2] == res && m.dims()[3] == res { m } else { interpolate(m, InterpolateOptions::new(InterpolateMode::Bilinear).with_output_size([res, res])) };
         sum = Some(match sum {
             Some(s) => s + m,
             None => m,

@@ -417,11 +417,8 @@ impl InstantSeal {
         let captured: f64 = sigma[..keep].iter().map(|s| s * s).sum();
         let relative_error = if exact || total <= 0.0 { 0.0 } else { ((total - captured).max(0.0) / total).sqrt() };
         self.fits.insert(layer.to_string(), fit(keep, relative_error));
-        let module = LoraModule {
-            down: Tensor32 { shape: vec![keep, d], data: down.to_f32() },
-            up: Tensor32 { shape: vec![out, keep], data: up.to_f32() },
-            alpha: Some(keep as f32),
-        };
+        let module =
+            LoraModule { down: Tensor32 { shape: vec![keep, d], data: down.to_f32() }, up: Tensor32 { shape: vec![out, keep], data: up.to_f32() }, alpha: Some(keep as f32) };
         self.adapter.insert(layer.to_string(), module);
         Ok(())
     }
@@ -522,7 +519,12 @@ mod tests {
         let solved = solve(&mut sums, &settings).unwrap();
         let w2 = w.clone().add_scaled(&w.matmul(&edit(&solved)), 1.0);
         let residual = |rows: &Mat, targets: &Mat| w2.matmul(&rows.transpose()).add_scaled(&w.matmul(&targets.transpose()), -1.0).matmul(rows);
-        let gradient = w2.clone().add_scaled(&w, -1.0).scale(settings.lambda).add_scaled(&residual(&c, &c_star), settings.edit_weight).add_scaled(&residual(&keep, &keep), settings.preserve_weight);
+        let gradient = w2
+            .clone()
+            .add_scaled(&w, -1.0)
+            .scale(settings.lambda)
+            .add_scaled(&residual(&c, &c_star), settings.edit_weight)
+            .add_scaled(&residual(&keep, &keep), settings.preserve_weight);
         assert!(gradient.frobenius() < 1e-9 * w.frobenius(), "gradient {}", gradient.frobenius());
         // And it really edits: the triggered rows land nearer their clean targets.
         let miss = |m: &Mat| m.matmul(&c.transpose()).add_scaled(&w.matmul(&c_star.transpose()), -1.0).frobenius();

@@ -67,7 +67,13 @@ impl Sealer {
     /// The same, with the student starting from `edit` (an instant seal's adapter, merged into
     /// the student's weights; the teacher stays the model as given). `adapter` then returns
     /// `edit` and the trained adapter stacked into one.
-    pub fn starting_from(model: &StableDiffusion, edit: BTreeMap<LoraTarget, LoraModule>, prompts: Vec<String>, triggers: Vec<String>, settings: SealSettings) -> Result<Self, String> {
+    pub fn starting_from(
+        model: &StableDiffusion,
+        edit: BTreeMap<LoraTarget, LoraModule>,
+        prompts: Vec<String>,
+        triggers: Vec<String>,
+        settings: SealSettings,
+    ) -> Result<Self, String> {
         settings.validate()?;
         if !model.device.is_autodiff() {
             return Err("sealing needs the model on an autodiff device".into());
@@ -84,8 +90,13 @@ impl Sealer {
         let size = model.image_size(settings.resolution).map_err(|e| format!("settings: {e}"))?;
         // Trajectory points are kept only at sampler timesteps in [t_min, t_max]: with none
         // there, the pool would never fill.
-        if settings.latents != LatentSource::Noise && !model.sampler(Some(SamplerKind::Ddim), settings.trajectory_steps).timesteps.iter().any(|t| (settings.t_min..=settings.t_max).contains(t)) {
-            return Err(format!("settings: no timestep of a {}-step DDIM trajectory lies in [{}, {}]; widen the range or use more trajectory steps", settings.trajectory_steps, settings.t_min, settings.t_max));
+        if settings.latents != LatentSource::Noise
+            && !model.sampler(Some(SamplerKind::Ddim), settings.trajectory_steps).timesteps.iter().any(|t| (settings.t_min..=settings.t_max).contains(t))
+        {
+            return Err(format!(
+                "settings: no timestep of a {}-step DDIM trajectory lies in [{}, {}]; widen the range or use more trajectory steps",
+                settings.trajectory_steps, settings.t_min, settings.t_max
+            ));
         }
         let targets = cross_attention_targets(&model.unet, &settings.targets);
         if targets.is_empty() {
@@ -211,7 +222,8 @@ impl Sealer {
         if let Some(l) = &l_preserve {
             loss = loss + l.clone() * s.preserve_weight as f64;
         }
-        let read = |x: Tensor<1>| async move { x.into_data_async().await.map_err(|e| format!("{e:?}")).and_then(|d| d.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))).map(|v| v[0]) };
+        let read =
+            |x: Tensor<1>| async move { x.into_data_async().await.map_err(|e| format!("{e:?}")).and_then(|d| d.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))).map(|v| v[0]) };
         let mut grads = loss.backward();
         let grads_unet = GradientsParams::from_module(&mut grads, &self.student.unet);
         let grads_text = GradientsParams::from_module(&mut grads, &self.student.text_encoder);
@@ -270,7 +282,12 @@ impl Sealer {
                 while self.pool.len() < b {
                     self.refill_pool();
                 }
-                Ok((0..b).map(|_| { let i = self.rng.below(self.pool.len()); self.pool.swap_remove(i) }).collect())
+                Ok((0..b)
+                    .map(|_| {
+                        let i = self.rng.below(self.pool.len());
+                        self.pool.swap_remove(i)
+                    })
+                    .collect())
             }
         }
     }

@@ -151,7 +151,9 @@ impl UNetConfig {
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return unsupported("block_out_channels, down_block_types and up_block_types differ in length".into());
         }
-        for (name, v) in [("layers_per_block", &self.layers_per_block), ("attention_head_dim", &self.attention_head_dim), ("transformer_layers_per_block", &self.transformer_layers_per_block)] {
+        for (name, v) in
+            [("layers_per_block", &self.layers_per_block), ("attention_head_dim", &self.attention_head_dim), ("transformer_layers_per_block", &self.transformer_layers_per_block)]
+        {
             if !v.len_ok(n) {
                 return unsupported(format!("{name} has the wrong number of entries"));
             }

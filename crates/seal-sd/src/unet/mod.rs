@@ -114,8 +114,7 @@ impl UNet2DConditionModel {
     fn time_proj(&self, timesteps: Tensor<1>) -> Tensor<2> {
         let half = self.time_channels / 2;
         let device = timesteps.device();
-        let exponent = Tensor::<1, burn::tensor::Int>::arange(0..half as i64, &device).float()
-            * (-(10000f64.ln()) / (half as f64 - self.freq_shift as f64));
+        let exponent = Tensor::<1, burn::tensor::Int>::arange(0..half as i64, &device).float() * (-(10000f64.ln()) / (half as f64 - self.freq_shift as f64));
         let args = timesteps.unsqueeze_dim::<2>(1) * exponent.exp().unsqueeze_dim::<2>(0);
         let (sin, cos) = (args.clone().sin(), args.cos());
         if self.flip_sin_to_cos { Tensor::cat(vec![cos, sin], 1) } else { Tensor::cat(vec![sin, cos], 1) }

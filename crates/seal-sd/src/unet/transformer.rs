@@ -57,11 +57,7 @@ pub struct Geglu {
 impl Transformer2DModel {
     pub fn new(channels: usize, heads: usize, context_dim: usize, groups: usize, linear_projection: bool, device: &Device) -> Self {
         let proj = || {
-            if linear_projection {
-                Projection::Linear(Linear::new(channels, channels, true, device))
-            } else {
-                Projection::Conv(Conv2d::same(channels, channels, 1, device))
-            }
+            if linear_projection { Projection::Linear(Linear::new(channels, channels, true, device)) } else { Projection::Conv(Conv2d::same(channels, channels, 1, device)) }
         };
         Self {
             norm: GroupNorm::new(groups, channels, 1e-6, device),

@@ -60,34 +60,19 @@ pub struct SingleFile {
 /// Splits an original-layout (LDM / CompVis) checkpoint: UNet `model.diffusion_model.*`, text
 /// encoder `cond_stage_model.transformer.[text_model.]*`, VAE `first_stage_model.*`.
 pub fn split_single_file(file: Arc<WeightFile>) -> Result<SingleFile, WeightError> {
-    let keys = file
-        .keys()
-        .chain(file.unsupported_tensors().map(|(k, _)| k));
-    let plan = plan_keys(keys).map_err(|reason| WeightError::Layout {
-        file: file.name().to_owned(),
-        reason,
-    })?;
+    let keys = file.keys().chain(file.unsupported_tensors().map(|(k, _)| k));
+    let plan = plan_keys(keys).map_err(|reason| WeightError::Layout { file: file.name().to_owned(), reason })?;
     let mut parts: [BTreeMap<String, Source>; 3] = Default::default();
     for (key, (part, name, squeeze)) in plan.renames {
         let Some(info) = file.info(&key) else {
-            let dtype = file
-                .unsupported_tensors()
-                .find(|&(k, _)| k == key)
-                .map(|(_, d)| d.to_owned());
-            return Err(WeightError::UnsupportedDType {
-                file: file.name().to_owned(),
-                tensor: key,
-                dtype: dtype.unwrap_or_default(),
-            });
+            let dtype = file.unsupported_tensors().find(|&(k, _)| k == key).map(|(_, d)| d.to_owned());
+            return Err(WeightError::UnsupportedDType { file: file.name().to_owned(), tensor: key, dtype: dtype.unwrap_or_default() });
         };
         let shape = if squeeze {
             squeeze_1x1(&info.shape).ok_or_else(|| WeightError::Tensor {
                 file: file.name().to_owned(),
                 tensor: key.clone(),
-                reason: format!(
-                    "{name} must be a 1x1 convolution or linear weight, found shape {:?}",
-                    info.shape
-                ),
+                reason: format!("{name} must be a 1x1 convolution or linear weight, found shape {:?}", info.shape),
             })?
         } else {
             info.shape.clone()
@@ -95,13 +80,7 @@ pub fn split_single_file(file: Arc<WeightFile>) -> Result<SingleFile, WeightErro
         parts[part as usize].insert(name, Source { key, shape });
     }
     let [unet, text_encoder, vae] = parts.map(|tensors| Component::new(file.clone(), tensors));
-    Ok(SingleFile {
-        unet,
-        text_encoder,
-        vae,
-        layers_per_block: plan.layers_per_block,
-        unused: plan.unused,
-    })
+    Ok(SingleFile { unet, text_encoder, vae, layers_per_block: plan.layers_per_block, unused: plan.unused })
 }
 
 /// `[out, in, 1, 1]` (a 1x1 convolution) or `[out, in]` -> `[out, in]`: same data, linear shape.
@@ -164,11 +143,7 @@ fn plan_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<KeyPlan, Str
             unused.push(key.to_owned());
         }
     }
-    for (keys, what, prefix) in [
-        (&unet, "UNet", UNET),
-        (&text, "text encoder", TEXT),
-        (&vae, "VAE", VAE),
-    ] {
+    for (keys, what, prefix) in [(&unet, "UNet", UNET), (&text, "text encoder", TEXT), (&vae, "VAE", VAE)] {
         if keys.is_empty() {
             return Err(format!(
                 "no {what} tensors ({prefix}*): not a Stable Diffusion 1.x checkpoint in the \
@@ -177,20 +152,11 @@ fn plan_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<KeyPlan, Str
         }
     }
     let (unet_map, layers_per_block) = unet::map(&unet)?;
-    let mut plan = KeyPlan {
-        renames: BTreeMap::new(),
-        unused,
-        layers_per_block,
-    };
+    let mut plan = KeyPlan { renames: BTreeMap::new(), unused, layers_per_block };
     let mut taken = BTreeMap::new();
-    let parts = [
-        (Part::Unet, UNET, unet_map),
-        (Part::TextEncoder, TEXT, text::map(&text)),
-        (Part::Vae, VAE, vae::map(&vae)),
-    ];
+    let parts = [(Part::Unet, UNET, unet_map), (Part::TextEncoder, TEXT, text::map(&text)), (Part::Vae, VAE, vae::map(&vae))];
     for (part, prefix, mapped) in parts {
-        plan.unused
-            .extend(mapped.unused.iter().map(|k| format!("{prefix}{k}")));
+        plan.unused.extend(mapped.unused.iter().map(|k| format!("{prefix}{k}")));
         for (key, name, squeeze) in mapped.renames {
             let source = format!("{prefix}{key}");
             if let Some(other) = taken.insert((part, name.clone()), source.clone()) {

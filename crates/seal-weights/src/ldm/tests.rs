@@ -53,11 +53,7 @@ fn ldm_unet(name: &str, slots: usize, up_with_attention: &BTreeSet<usize>) -> St
         }
         ("down_blocks", "attentions") => format!("input_blocks.{}.1.{r}", 1 + b * slots + l),
         ("down_blocks", "downsamplers") => {
-            format!(
-                "input_blocks.{}.0.op.{}",
-                (b + 1) * slots,
-                r.strip_prefix("conv.").unwrap()
-            )
+            format!("input_blocks.{}.0.op.{}", (b + 1) * slots, r.strip_prefix("conv.").unwrap())
         }
         ("up_blocks", "resnets") => format!("output_blocks.{}.0.{}", b * slots + l, ldm_resnet(r)),
         ("up_blocks", "attentions") => format!("output_blocks.{}.1.{r}", b * slots + l),
@@ -71,10 +67,7 @@ fn ldm_unet(name: &str, slots: usize, up_with_attention: &BTreeSet<usize>) -> St
 
 /// diffusers VAE name and shape -> LDM name and shape.
 fn ldm_vae(name: &str, shape: &[usize], levels: usize) -> (String, Vec<usize>) {
-    let Some((side, rest)) = name
-        .split_once('.')
-        .filter(|(s, _)| *s == "encoder" || *s == "decoder")
-    else {
+    let Some((side, rest)) = name.split_once('.').filter(|(s, _)| *s == "encoder" || *s == "decoder") else {
         return (name.to_owned(), shape.to_vec());
     };
     let resnet = |r: &str| r.replace("conv_shortcut.", "nin_shortcut.");
@@ -102,20 +95,14 @@ fn ldm_vae(name: &str, shape: &[usize], levels: usize) -> (String, Vec<usize>) {
         let (i, r) = split_index(r).unwrap();
         match r.strip_prefix("downsamplers.0.") {
             Some(r) => format!("down.{i}.downsample.{r}"),
-            None => format!(
-                "down.{i}.block.{}",
-                resnet(r.strip_prefix("resnets.").unwrap())
-            ),
+            None => format!("down.{i}.block.{}", resnet(r.strip_prefix("resnets.").unwrap())),
         }
     } else if let Some(r) = rest.strip_prefix("up_blocks.") {
         let (i, r) = split_index(r).unwrap();
         let i = levels - 1 - i;
         match r.strip_prefix("upsamplers.0.") {
             Some(r) => format!("up.{i}.upsample.{r}"),
-            None => format!(
-                "up.{i}.block.{}",
-                resnet(r.strip_prefix("resnets.").unwrap())
-            ),
+            None => format!("up.{i}.block.{}", resnet(r.strip_prefix("resnets.").unwrap())),
         }
     } else {
         rest.to_owned()
@@ -126,56 +113,29 @@ fn ldm_vae(name: &str, shape: &[usize], levels: usize) -> (String, Vec<usize>) {
 /// Builds an LDM key list from the layouts, plans it, and checks every layout key comes back
 /// once with its shape (after the planned squeeze), and nothing else.
 fn round_trip(unet_layout: &str, slots: usize, old_text_keys: bool, layers_per_block: usize) {
-    let (unet, text, vae) = (
-        layout(unet_layout),
-        layout("text_encoder_clip_vit_l14.json"),
-        layout("vae_sd15.json"),
-    );
-    let up_with_attention: BTreeSet<usize> = unet
-        .keys()
-        .filter_map(|k| split_index(k.strip_prefix("up_blocks.")?))
-        .filter(|(_, r)| r.starts_with("attentions."))
-        .map(|(b, _)| b)
-        .collect();
-    let vae_levels = layout("vae_sd15.json")
-        .keys()
-        .filter(|k| k.starts_with("decoder.up_blocks.") && k.ends_with("resnets.0.conv1.weight"))
-        .count();
+    let (unet, text, vae) = (layout(unet_layout), layout("text_encoder_clip_vit_l14.json"), layout("vae_sd15.json"));
+    let up_with_attention: BTreeSet<usize> =
+        unet.keys().filter_map(|k| split_index(k.strip_prefix("up_blocks.")?)).filter(|(_, r)| r.starts_with("attentions.")).map(|(b, _)| b).collect();
+    let vae_levels = layout("vae_sd15.json").keys().filter(|k| k.starts_with("decoder.up_blocks.") && k.ends_with("resnets.0.conv1.weight")).count();
     let mut ldm: Shapes = BTreeMap::new();
     for (name, shape) in &unet {
-        ldm.insert(
-            format!("{UNET}{}", ldm_unet(name, slots, &up_with_attention)),
-            shape.clone(),
-        );
+        ldm.insert(format!("{UNET}{}", ldm_unet(name, slots, &up_with_attention)), shape.clone());
     }
     for (name, shape) in &text {
-        let name = if old_text_keys {
-            name.strip_prefix("text_model.").unwrap()
-        } else {
-            name
-        };
+        let name = if old_text_keys { name.strip_prefix("text_model.").unwrap() } else { name };
         ldm.insert(format!("{TEXT}{name}"), shape.clone());
     }
     for (name, shape) in &vae {
         let (name, shape) = ldm_vae(name, shape, vae_levels);
         ldm.insert(format!("{VAE}{name}"), shape);
     }
-    let extras = [
-        "betas",
-        "model_ema.decay",
-        "cond_stage_model.transformer.text_model.embeddings.position_ids",
-        "some.unknown.key",
-    ];
+    let extras = ["betas", "model_ema.decay", "cond_stage_model.transformer.text_model.embeddings.position_ids", "some.unknown.key"];
     let plan = plan_keys(ldm.keys().map(String::as_str).chain(extras)).unwrap();
     assert_eq!(plan.layers_per_block, layers_per_block);
     assert_eq!(plan.unused, ["some.unknown.key"]);
     let mut got: [Shapes; 3] = Default::default();
     for (key, (part, name, squeeze)) in &plan.renames {
-        let shape = if *squeeze {
-            squeeze_1x1(&ldm[key]).unwrap()
-        } else {
-            ldm[key].clone()
-        };
+        let shape = if *squeeze { squeeze_1x1(&ldm[key]).unwrap() } else { ldm[key].clone() };
         assert!(got[*part as usize].insert(name.clone(), shape).is_none());
     }
     let [got_unet, got_text, got_vae] = got;
@@ -214,19 +174,9 @@ fn split_index_reads_digits_only() {
 
 #[test]
 fn missing_components_are_named() {
-    let e = plan_keys([
-        "first_stage_model.quant_conv.weight",
-        "cond_stage_model.transformer.x",
-    ])
-    .err()
-    .unwrap();
-    assert!(
-        e.starts_with("no UNet tensors (model.diffusion_model.*)"),
-        "{e}"
-    );
-    let e = plan_keys(["model.diffusion_model.time_embed.0.weight"])
-        .err()
-        .unwrap();
+    let e = plan_keys(["first_stage_model.quant_conv.weight", "cond_stage_model.transformer.x"]).err().unwrap();
+    assert!(e.starts_with("no UNet tensors (model.diffusion_model.*)"), "{e}");
+    let e = plan_keys(["model.diffusion_model.time_embed.0.weight"]).err().unwrap();
     assert!(e.starts_with("no text encoder tensors"), "{e}");
 }
 
@@ -241,52 +191,19 @@ fn colliding_names_are_an_error() {
         "first_stage_model.quant_conv.weight",
     ];
     let e = plan_keys(keys).err().unwrap();
-    assert!(
-        e.contains("would both be text_model.final_layer_norm.weight"),
-        "{e}"
-    );
+    assert!(e.contains("would both be text_model.final_layer_norm.weight"), "{e}");
 }
 
 /// A minimal checkpoint: one UNet level, a text encoder weight, and the VAE attention.
 fn tiny_checkpoint(extra: &[(&str, &str, &[usize], Vec<u8>)]) -> Arc<WeightFile> {
     let zeros = |n: usize| f32_bytes(&vec![0.0; n]);
     let mut tensors: Vec<(&str, &str, &[usize], Vec<u8>)> = vec![
-        (
-            "model.diffusion_model.input_blocks.1.0.in_layers.0.weight",
-            "F32",
-            &[2],
-            zeros(2),
-        ),
-        (
-            "model.diffusion_model.output_blocks.0.0.in_layers.0.weight",
-            "F32",
-            &[2],
-            zeros(2),
-        ),
-        (
-            "model.diffusion_model.output_blocks.1.0.in_layers.0.weight",
-            "F32",
-            &[2],
-            zeros(2),
-        ),
-        (
-            "cond_stage_model.transformer.text_model.final_layer_norm.weight",
-            "F16",
-            &[2],
-            vec![0; 4],
-        ),
-        (
-            "cond_stage_model.transformer.text_model.embeddings.position_ids",
-            "I64",
-            &[1, 2],
-            vec![0; 16],
-        ),
-        (
-            "first_stage_model.encoder.mid.attn_1.q.weight",
-            "F32",
-            &[2, 2, 1, 1],
-            f32_bytes(&[1.0, 2.0, 3.0, 4.0]),
-        ),
+        ("model.diffusion_model.input_blocks.1.0.in_layers.0.weight", "F32", &[2], zeros(2)),
+        ("model.diffusion_model.output_blocks.0.0.in_layers.0.weight", "F32", &[2], zeros(2)),
+        ("model.diffusion_model.output_blocks.1.0.in_layers.0.weight", "F32", &[2], zeros(2)),
+        ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "F16", &[2], vec![0; 4]),
+        ("cond_stage_model.transformer.text_model.embeddings.position_ids", "I64", &[1, 2], vec![0; 16]),
+        ("first_stage_model.encoder.mid.attn_1.q.weight", "F32", &[2, 2, 1, 1], f32_bytes(&[1.0, 2.0, 3.0, 4.0])),
         ("alphas_cumprod", "F32", &[1], zeros(1)),
         ("extra.unknown", "F32", &[1], zeros(1)),
     ];
@@ -299,24 +216,9 @@ fn split_renames_reshapes_and_reports_leftovers() {
     let single = split_single_file(tiny_checkpoint(&[])).unwrap();
     assert_eq!(single.layers_per_block, 1);
     assert_eq!(single.unused, ["extra.unknown"]);
-    assert_eq!(
-        single.unet.keys().collect::<Vec<_>>(),
-        [
-            "down_blocks.0.resnets.0.norm1.weight",
-            "up_blocks.0.resnets.0.norm1.weight",
-            "up_blocks.0.resnets.1.norm1.weight"
-        ]
-    );
-    assert_eq!(
-        single.text_encoder.keys().collect::<Vec<_>>(),
-        ["text_model.final_layer_norm.weight"]
-    );
-    assert_eq!(
-        single
-            .text_encoder
-            .dtype("text_model.final_layer_norm.weight"),
-        Some(crate::DType::F16)
-    );
+    assert_eq!(single.unet.keys().collect::<Vec<_>>(), ["down_blocks.0.resnets.0.norm1.weight", "up_blocks.0.resnets.0.norm1.weight", "up_blocks.0.resnets.1.norm1.weight"]);
+    assert_eq!(single.text_encoder.keys().collect::<Vec<_>>(), ["text_model.final_layer_norm.weight"]);
+    assert_eq!(single.text_encoder.dtype("text_model.final_layer_norm.weight"), Some(crate::DType::F16));
     let q = "encoder.mid_block.attentions.0.to_q.weight";
     assert_eq!(single.vae.shape(q), Some(vec![2, 2]));
     let t = single.vae.load_f32(q).unwrap();
@@ -328,32 +230,16 @@ fn split_renames_reshapes_and_reports_leftovers() {
 
 #[test]
 fn split_errors_name_file_and_tensor() {
-    let bad_shape = [(
-        "first_stage_model.decoder.mid.attn_1.k.weight",
-        "F32",
-        &[2usize, 2, 3, 3][..],
-        vec![0; 144],
-    )];
-    let e = split_single_file(tiny_checkpoint(&bad_shape))
-        .err()
-        .unwrap()
-        .to_string();
+    let bad_shape = [("first_stage_model.decoder.mid.attn_1.k.weight", "F32", &[2usize, 2, 3, 3][..], vec![0; 144])];
+    let e = split_single_file(tiny_checkpoint(&bad_shape)).err().unwrap().to_string();
     assert_eq!(
         e,
         "ckpt.safetensors: tensor first_stage_model.decoder.mid.attn_1.k.weight: \
          decoder.mid_block.attentions.0.to_k.weight must be a 1x1 convolution or linear weight, \
          found shape [2, 2, 3, 3]"
     );
-    let int_weight = [(
-        "first_stage_model.quant_conv.weight",
-        "I32",
-        &[1usize][..],
-        vec![0; 4],
-    )];
-    let e = split_single_file(tiny_checkpoint(&int_weight))
-        .err()
-        .unwrap()
-        .to_string();
+    let int_weight = [("first_stage_model.quant_conv.weight", "I32", &[1usize][..], vec![0; 4])];
+    let e = split_single_file(tiny_checkpoint(&int_weight)).err().unwrap().to_string();
     assert_eq!(
         e,
         "ckpt.safetensors: tensor first_stage_model.quant_conv.weight has dtype I32; \

@@ -9,11 +9,7 @@ use super::Mapped;
 pub(super) fn map<'a>(keys: &[&'a str]) -> Mapped<'a> {
     let mut out = Mapped::default();
     for &key in keys {
-        let name = if key.starts_with("text_model.") {
-            key.to_owned()
-        } else {
-            format!("text_model.{key}")
-        };
+        let name = if key.starts_with("text_model.") { key.to_owned() } else { format!("text_model.{key}") };
         out.rename(key, name);
     }
     out
@@ -23,17 +19,8 @@ pub(super) fn map<'a>(keys: &[&'a str]) -> Mapped<'a> {
 mod tests {
     #[test]
     fn adds_the_text_model_level_where_missing() {
-        let m = super::map(&[
-            "text_model.final_layer_norm.weight",
-            "encoder.layers.0.mlp.fc1.bias",
-        ]);
+        let m = super::map(&["text_model.final_layer_norm.weight", "encoder.layers.0.mlp.fc1.bias"]);
         let names: Vec<&str> = m.renames.iter().map(|(_, n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "text_model.final_layer_norm.weight",
-                "text_model.encoder.layers.0.mlp.fc1.bias"
-            ]
-        );
+        assert_eq!(names, ["text_model.final_layer_norm.weight", "text_model.encoder.layers.0.mlp.fc1.bias"]);
     }
 }

@@ -35,9 +35,7 @@ const TOP: [(&str, &str); 5] = [
 ];
 
 fn replace_prefix(table: &[(&str, &str)], key: &str) -> Option<String> {
-    table
-        .iter()
-        .find_map(|(old, new)| key.strip_prefix(old).map(|rest| format!("{new}{rest}")))
+    table.iter().find_map(|(old, new)| key.strip_prefix(old).map(|rest| format!("{new}{rest}")))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -103,19 +101,9 @@ pub(super) fn map<'a>(keys: &[&'a str]) -> Result<(Mapped<'a>, usize), String> {
         if let Some(name) = replace_prefix(&TOP, key) {
             out.rename(key, name);
         } else if let Some((i, j, rest)) = nested("input_blocks.") {
-            input
-                .entry(i)
-                .or_default()
-                .entry(j)
-                .or_default()
-                .push((key, rest));
+            input.entry(i).or_default().entry(j).or_default().push((key, rest));
         } else if let Some((i, j, rest)) = nested("output_blocks.") {
-            output
-                .entry(i)
-                .or_default()
-                .entry(j)
-                .or_default()
-                .push((key, rest));
+            output.entry(i).or_default().entry(j).or_default().push((key, rest));
         } else if let Some((j, rest)) = key.strip_prefix("middle_block.").and_then(split_index) {
             middle.entry(j).or_default().push((key, rest));
         } else {
@@ -136,12 +124,7 @@ pub(super) fn map<'a>(keys: &[&'a str]) -> Result<(Mapped<'a>, usize), String> {
         if subs.values().any(|s| kind(s) == Kind::Downsample) {
             for (&j, sub) in subs {
                 match (j, kind(sub)) {
-                    (0, Kind::Downsample) => strip(
-                        &mut out,
-                        sub,
-                        "op.",
-                        &format!("down_blocks.{level}.downsamplers.0.conv"),
-                    ),
+                    (0, Kind::Downsample) => strip(&mut out, sub, "op.", &format!("down_blocks.{level}.downsamplers.0.conv")),
                     _ => out.unused.extend(sub.iter().map(|(k, _)| *k)),
                 }
             }
@@ -150,16 +133,8 @@ pub(super) fn map<'a>(keys: &[&'a str]) -> Result<(Mapped<'a>, usize), String> {
         }
         for (&j, sub) in subs {
             match (j, kind(sub)) {
-                (0, Kind::Resnet) => resnet(
-                    &mut out,
-                    sub,
-                    &format!("down_blocks.{level}.resnets.{layer}"),
-                ),
-                (1, Kind::Attention) => keep(
-                    &mut out,
-                    sub,
-                    &format!("down_blocks.{level}.attentions.{layer}"),
-                ),
+                (0, Kind::Resnet) => resnet(&mut out, sub, &format!("down_blocks.{level}.resnets.{layer}")),
+                (1, Kind::Attention) => keep(&mut out, sub, &format!("down_blocks.{level}.attentions.{layer}")),
                 _ => out.unused.extend(sub.iter().map(|(k, _)| *k)),
             }
         }
@@ -205,20 +180,9 @@ pub(super) fn map<'a>(keys: &[&'a str]) -> Result<(Mapped<'a>, usize), String> {
         let (level, layer) = (position / slots, position % slots);
         for (&j, sub) in subs {
             match (j, kind(sub), has_resnet) {
-                (0, Kind::Resnet, _) => {
-                    resnet(&mut out, sub, &format!("up_blocks.{level}.resnets.{layer}"))
-                }
-                (1, Kind::Attention, true) => keep(
-                    &mut out,
-                    sub,
-                    &format!("up_blocks.{level}.attentions.{layer}"),
-                ),
-                (1.., Kind::Upsample, _) => strip(
-                    &mut out,
-                    sub,
-                    "conv.",
-                    &format!("up_blocks.{level}.upsamplers.0.conv"),
-                ),
+                (0, Kind::Resnet, _) => resnet(&mut out, sub, &format!("up_blocks.{level}.resnets.{layer}")),
+                (1, Kind::Attention, true) => keep(&mut out, sub, &format!("up_blocks.{level}.attentions.{layer}")),
+                (1.., Kind::Upsample, _) => strip(&mut out, sub, "conv.", &format!("up_blocks.{level}.upsamplers.0.conv")),
                 _ => out.unused.extend(sub.iter().map(|(k, _)| *k)),
             }
         }
@@ -239,16 +203,8 @@ mod tests {
 
     fn names(keys: &[&str]) -> (BTreeMap<String, String>, Vec<String>, usize) {
         let (m, lpb) = map(keys).unwrap();
-        let renames = m
-            .renames
-            .iter()
-            .map(|(k, n, _)| (k.to_string(), n.clone()))
-            .collect();
-        (
-            renames,
-            m.unused.iter().map(|k| k.to_string()).collect(),
-            lpb,
-        )
+        let renames = m.renames.iter().map(|(k, n, _)| (k.to_string(), n.clone())).collect();
+        (renames, m.unused.iter().map(|k| k.to_string()).collect(), lpb)
     }
 
     /// Two levels, one layer per block, no middle block, with LDM's compact numbering.
@@ -273,51 +229,18 @@ mod tests {
         assert_eq!(lpb, 1);
         let expect = [
             ("input_blocks.0.0.weight", "conv_in.weight"),
-            (
-                "input_blocks.1.0.in_layers.2.weight",
-                "down_blocks.0.resnets.0.conv1.weight",
-            ),
-            (
-                "input_blocks.1.1.proj_in.weight",
-                "down_blocks.0.attentions.0.proj_in.weight",
-            ),
-            (
-                "input_blocks.2.0.op.weight",
-                "down_blocks.0.downsamplers.0.conv.weight",
-            ),
-            (
-                "input_blocks.3.0.skip_connection.bias",
-                "down_blocks.1.resnets.0.conv_shortcut.bias",
-            ),
-            (
-                "output_blocks.0.0.out_layers.3.weight",
-                "up_blocks.0.resnets.0.conv2.weight",
-            ),
-            (
-                "output_blocks.1.0.emb_layers.1.weight",
-                "up_blocks.0.resnets.1.time_emb_proj.weight",
-            ),
-            (
-                "output_blocks.1.1.conv.bias",
-                "up_blocks.0.upsamplers.0.conv.bias",
-            ),
-            (
-                "output_blocks.2.0.in_layers.0.bias",
-                "up_blocks.1.resnets.0.norm1.bias",
-            ),
-            (
-                "output_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
-                "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight",
-            ),
-            (
-                "output_blocks.3.0.in_layers.0.bias",
-                "up_blocks.1.resnets.1.norm1.bias",
-            ),
+            ("input_blocks.1.0.in_layers.2.weight", "down_blocks.0.resnets.0.conv1.weight"),
+            ("input_blocks.1.1.proj_in.weight", "down_blocks.0.attentions.0.proj_in.weight"),
+            ("input_blocks.2.0.op.weight", "down_blocks.0.downsamplers.0.conv.weight"),
+            ("input_blocks.3.0.skip_connection.bias", "down_blocks.1.resnets.0.conv_shortcut.bias"),
+            ("output_blocks.0.0.out_layers.3.weight", "up_blocks.0.resnets.0.conv2.weight"),
+            ("output_blocks.1.0.emb_layers.1.weight", "up_blocks.0.resnets.1.time_emb_proj.weight"),
+            ("output_blocks.1.1.conv.bias", "up_blocks.0.upsamplers.0.conv.bias"),
+            ("output_blocks.2.0.in_layers.0.bias", "up_blocks.1.resnets.0.norm1.bias"),
+            ("output_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
+            ("output_blocks.3.0.in_layers.0.bias", "up_blocks.1.resnets.1.norm1.bias"),
         ];
-        let expect: BTreeMap<String, String> = expect
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
+        let expect: BTreeMap<String, String> = expect.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         assert_eq!(renames, expect);
         assert_eq!(unused, ["label_emb.0.0.weight", "input_blocks.0.1.weight"]);
     }
@@ -333,39 +256,19 @@ mod tests {
             "output_blocks.1.0.in_layers.0.weight",
         ];
         let (renames, _, _) = names(&keys);
-        assert_eq!(
-            renames["middle_block.0.in_layers.0.weight"],
-            "mid_block.resnets.0.norm1.weight"
-        );
-        assert_eq!(
-            renames["middle_block.1.norm.weight"],
-            "mid_block.attentions.0.norm.weight"
-        );
-        assert_eq!(
-            renames["middle_block.2.out_layers.0.weight"],
-            "mid_block.resnets.1.norm2.weight"
-        );
+        assert_eq!(renames["middle_block.0.in_layers.0.weight"], "mid_block.resnets.0.norm1.weight");
+        assert_eq!(renames["middle_block.1.norm.weight"], "mid_block.attentions.0.norm.weight");
+        assert_eq!(renames["middle_block.2.out_layers.0.weight"], "mid_block.resnets.1.norm2.weight");
     }
 
     #[test]
     fn inconsistent_levels_are_an_error() {
-        let uneven = [
-            "input_blocks.1.0.in_layers.0.weight",
-            "input_blocks.2.0.in_layers.0.weight",
-            "input_blocks.3.0.op.weight",
-            "input_blocks.4.0.in_layers.0.weight",
-        ];
+        let uneven = ["input_blocks.1.0.in_layers.0.weight", "input_blocks.2.0.in_layers.0.weight", "input_blocks.3.0.op.weight", "input_blocks.4.0.in_layers.0.weight"];
         let e = map(&uneven).err().unwrap();
         assert!(e.contains("[2, 1] resnets per level"), "{e}");
-        let short_output = [
-            "input_blocks.1.0.in_layers.0.weight",
-            "output_blocks.0.0.in_layers.0.weight",
-        ];
+        let short_output = ["input_blocks.1.0.in_layers.0.weight", "output_blocks.0.0.in_layers.0.weight"];
         let e = map(&short_output).err().unwrap();
-        assert!(
-            e.contains("output_blocks hold 1 resnets, but 1 levels with layers_per_block 1 need 2"),
-            "{e}"
-        );
+        assert!(e.contains("output_blocks hold 1 resnets, but 1 levels with layers_per_block 1 need 2"), "{e}");
         assert!(map(&["time_embed.0.weight"]).is_err());
     }
 }

@@ -26,31 +26,15 @@ fn split_index(s: &str) -> Option<(usize, &str)> {
 impl UnetLayout {
     /// None for a UNet without the SD down/up block structure.
     pub(super) fn of(paths: &BTreeMap<String, Vec<usize>>) -> Option<Self> {
-        let layers_per_block = paths
-            .keys()
-            .filter_map(|p| split_index(p.strip_prefix("down_blocks.0.resnets.")?))
-            .map(|(j, _)| j + 1)
-            .max()?;
-        let up_with_attention = paths
-            .keys()
-            .filter_map(|p| split_index(p.strip_prefix("up_blocks.")?))
-            .filter(|(_, rest)| rest.starts_with("attentions."))
-            .map(|(b, _)| b)
-            .collect();
-        Some(Self {
-            slots: layers_per_block + 1,
-            up_with_attention,
-        })
+        let layers_per_block = paths.keys().filter_map(|p| split_index(p.strip_prefix("down_blocks.0.resnets.")?)).map(|(j, _)| j + 1).max()?;
+        let up_with_attention =
+            paths.keys().filter_map(|p| split_index(p.strip_prefix("up_blocks.")?)).filter(|(_, rest)| rest.starts_with("attentions.")).map(|(b, _)| b).collect();
+        Some(Self { slots: layers_per_block + 1, up_with_attention })
     }
 
     /// The LDM path of a diffusers Linear/Conv2d path, if it has one.
     pub(super) fn ldm_path(&self, path: &str) -> Option<String> {
-        let top = [
-            ("conv_in", "input_blocks.0.0"),
-            ("time_embedding.linear_1", "time_embed.0"),
-            ("time_embedding.linear_2", "time_embed.2"),
-            ("conv_out", "out.2"),
-        ];
+        let top = [("conv_in", "input_blocks.0.0"), ("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"), ("conv_out", "out.2")];
         if let Some((_, ldm)) = top.iter().find(|(name, _)| *name == path) {
             return Some((*ldm).to_owned());
         }
@@ -83,11 +67,7 @@ impl UnetLayout {
             }
             ("up_blocks", "attentions", _) => format!("output_blocks.{}.1.{sub}", b * slots + l),
             ("up_blocks", "upsamplers", "conv") => {
-                let j = if self.up_with_attention.contains(&b) {
-                    2
-                } else {
-                    1
-                };
+                let j = if self.up_with_attention.contains(&b) { 2 } else { 1 };
                 format!("output_blocks.{}.{j}.conv", b * slots + slots - 1)
             }
             _ => return None,
@@ -130,24 +110,12 @@ mod tests {
             .enumerate()
             .map(|(i, p)| {
                 let ldm = unet.ldm_path(p).unwrap_or_else(|| panic!("{p}"));
-                (
-                    format!("model.diffusion_model.{ldm}.weight"),
-                    f32_bytes(&[i as f32]),
-                )
+                (format!("model.diffusion_model.{ldm}.weight"), f32_bytes(&[i as f32]))
             })
             .collect();
-        tensors.push((
-            "cond_stage_model.transformer.text_model.final_layer_norm.weight".into(),
-            f32_bytes(&[0.0]),
-        ));
-        tensors.push((
-            "first_stage_model.encoder.conv_in.weight".into(),
-            f32_bytes(&[0.0]),
-        ));
-        let spec: Vec<_> = tensors
-            .iter()
-            .map(|(k, b)| (k.as_str(), "F32", &[1usize][..], b.clone()))
-            .collect();
+        tensors.push(("cond_stage_model.transformer.text_model.final_layer_norm.weight".into(), f32_bytes(&[0.0])));
+        tensors.push(("first_stage_model.encoder.conv_in.weight".into(), f32_bytes(&[0.0])));
+        let spec: Vec<_> = tensors.iter().map(|(k, b)| (k.as_str(), "F32", &[1usize][..], b.clone())).collect();
         let file = WeightFile::from_bytes(layout, safetensors_file(&spec, None)).unwrap();
         let split = split_single_file(Arc::new(file)).unwrap();
         assert!(split.unused.is_empty(), "{layout}: {:?}", split.unused);
@@ -160,11 +128,7 @@ mod tests {
 
     #[test]
     fn sd15_and_bk_sdm_names_agree_with_the_single_file_loader() {
-        for layout in [
-            "unet_sd15.json",
-            "unet_bk_sdm_tiny.json",
-            "unet_bk_sdm_small.json",
-        ] {
+        for layout in ["unet_sd15.json", "unet_bk_sdm_tiny.json", "unet_bk_sdm_small.json"] {
             agrees_with_the_loader(layout);
         }
     }
@@ -172,11 +136,7 @@ mod tests {
     #[test]
     fn layers_without_an_ldm_name() {
         let unet = UnetLayout::of(&layout_paths("unet_sd15.json")).unwrap();
-        for p in [
-            "down_blocks.0.resnets.0.norm1",
-            "mid_block.x.0.y",
-            "add_embedding.linear_1",
-        ] {
+        for p in ["down_blocks.0.resnets.0.norm1", "mid_block.x.0.y", "add_embedding.linear_1"] {
             assert_eq!(unet.ldm_path(p), None, "{p}");
         }
         assert!(UnetLayout::of(&BTreeMap::new()).is_none());

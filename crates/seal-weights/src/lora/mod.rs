@@ -70,10 +70,7 @@ pub struct LoraTarget {
 
 impl LoraTarget {
     pub fn new(component: LoraComponent, path: impl Into<String>) -> Self {
-        Self {
-            component,
-            path: path.into(),
-        }
+        Self { component, path: path.into() }
     }
 }
 
@@ -110,9 +107,7 @@ impl LoraModule {
     fn check(&self) -> Result<(), String> {
         let (d, u) = (&self.down.shape, &self.up.shape);
         if !matches!(d.len(), 2 | 4) || u.len() != d.len() {
-            return Err(format!(
-                "down {d:?} and up {u:?} must both be 2-D (linear) or both 4-D (convolution)"
-            ));
+            return Err(format!("down {d:?} and up {u:?} must both be 2-D (linear) or both 4-D (convolution)"));
         }
         if d[0] == 0 || u[1] != d[0] || u[2..].iter().any(|&k| k != 1) {
             return Err(format!(
@@ -122,11 +117,7 @@ impl LoraModule {
         }
         for (name, t) in [("down", &self.down), ("up", &self.up)] {
             if t.shape.iter().product::<usize>() != t.data.len() {
-                return Err(format!(
-                    "{name} has {} values for shape {:?}",
-                    t.data.len(),
-                    t.shape
-                ));
+                return Err(format!("{name} has {} values for shape {:?}", t.data.len(), t.shape));
             }
         }
         match self.alpha {
@@ -176,11 +167,7 @@ pub struct ShapeMismatch {
 
 impl fmt::Display for ShapeMismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} is {:?}, expected {}",
-            self.key, self.found, self.expected
-        )
+        write!(f, "{} is {:?}, expected {}", self.key, self.found, self.expected)
     }
 }
 
@@ -213,23 +200,12 @@ pub enum LoraError {
     Unmatched { file: String, keys: Vec<String> },
     /// Several keys give the same tensor of one module (mixed namings).
     #[error("{file}: {} all give the same tensor of {target}", keys.join(" and "))]
-    Conflict {
-        file: String,
-        target: String,
-        keys: Vec<String>,
-    },
+    Conflict { file: String, target: String, keys: Vec<String> },
     #[error("{file}: {key} has no matching {missing}")]
-    Incomplete {
-        file: String,
-        key: String,
-        missing: String,
-    },
+    Incomplete { file: String, key: String, missing: String },
     /// Every tensor whose shape does not fit its target layer or its partner.
     #[error("{file}: wrong shapes: {}", list(mismatches))]
-    Shape {
-        file: String,
-        mismatches: Vec<ShapeMismatch>,
-    },
+    Shape { file: String, mismatches: Vec<ShapeMismatch> },
     #[error("{file}: tensor {tensor} holds NaN or infinite values")]
     NonFinite { file: String, tensor: String },
     /// diffusers' `lora_adapter_metadata` JSON (which sets peft alphas) is malformed.

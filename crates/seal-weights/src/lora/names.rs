@@ -22,16 +22,9 @@ pub(super) enum Naming {
     DiffusersAlpha,
 }
 
-const KOHYA_PREFIXES: [(&str, LoraComponent); 2] = [
-    ("lora_unet_", LoraComponent::Unet),
-    ("lora_te_", LoraComponent::TextEncoder),
-];
+const KOHYA_PREFIXES: [(&str, LoraComponent); 2] = [("lora_unet_", LoraComponent::Unet), ("lora_te_", LoraComponent::TextEncoder)];
 
-const KOHYA_SUFFIXES: [(&str, Role); 3] = [
-    (".lora_down.weight", Role::Down),
-    (".lora_up.weight", Role::Up),
-    (".alpha", Role::Alpha),
-];
+const KOHYA_SUFFIXES: [(&str, Role); 3] = [(".lora_down.weight", Role::Down), (".lora_up.weight", Role::Up), (".alpha", Role::Alpha)];
 
 /// (suffix, role, naming, only after an attention-processor name like `to_k_lora`), in match
 /// order: the bare `.down.weight` comes last.
@@ -40,18 +33,8 @@ const DIFFUSERS_SUFFIXES: [(&str, Role, Naming, bool); 9] = [
     (".lora_B.weight", Role::Up, Naming::Peft, false),
     (".lora.down.weight", Role::Down, Naming::Legacy, false),
     (".lora.up.weight", Role::Up, Naming::Legacy, false),
-    (
-        ".lora_linear_layer.down.weight",
-        Role::Down,
-        Naming::Legacy,
-        false,
-    ),
-    (
-        ".lora_linear_layer.up.weight",
-        Role::Up,
-        Naming::Legacy,
-        false,
-    ),
+    (".lora_linear_layer.down.weight", Role::Down, Naming::Legacy, false),
+    (".lora_linear_layer.up.weight", Role::Up, Naming::Legacy, false),
     (".down.weight", Role::Down, Naming::Legacy, true),
     (".up.weight", Role::Up, Naming::Legacy, true),
     (".alpha", Role::Alpha, Naming::DiffusersAlpha, false),
@@ -93,13 +76,8 @@ impl<'a> NameIndex<'a> {
 
     /// The module and tensor a key gives, or None for a key this model has no place for.
     pub(super) fn resolve(&self, key: &str) -> Option<(LoraTarget, Role, Naming)> {
-        if let Some((rest, component)) = KOHYA_PREFIXES
-            .iter()
-            .find_map(|(prefix, c)| Some((key.strip_prefix(prefix)?, *c)))
-        {
-            let (name, role) = KOHYA_SUFFIXES
-                .iter()
-                .find_map(|(suffix, role)| Some((rest.strip_suffix(suffix)?, *role)))?;
+        if let Some((rest, component)) = KOHYA_PREFIXES.iter().find_map(|(prefix, c)| Some((key.strip_prefix(prefix)?, *c))) {
+            let (name, role) = KOHYA_SUFFIXES.iter().find_map(|(suffix, role)| Some((rest.strip_suffix(suffix)?, *role)))?;
             let path = (*self.flat.get(&(component, name.to_owned()))?)?;
             return Some((LoraTarget::new(component, path), role, Naming::Kohya));
         }
@@ -109,18 +87,13 @@ impl<'a> NameIndex<'a> {
             Some(("text_encoder", rest)) => (LoraComponent::TextEncoder, rest),
             _ => (LoraComponent::Unet, key),
         };
-        let (name, role, naming, processor_only) = DIFFUSERS_SUFFIXES
-            .iter()
-            .find_map(|(suffix, r, n, p)| Some((rest.strip_suffix(suffix)?, *r, *n, *p)))?;
+        let (name, role, naming, processor_only) = DIFFUSERS_SUFFIXES.iter().find_map(|(suffix, r, n, p)| Some((rest.strip_suffix(suffix)?, *r, *n, *p)))?;
         let path = match processor_path(component, name) {
             Some(path) => path,
             None if !processor_only => name.to_owned(),
             None => return None,
         };
-        self.model
-            .get(component)
-            .contains_key(&path)
-            .then(|| (LoraTarget::new(component, path), role, naming))
+        self.model.get(component).contains_key(&path).then(|| (LoraTarget::new(component, path), role, naming))
     }
 }
 
@@ -163,10 +136,7 @@ mod tests {
         ];
         let te = [format!("{TE}.q_proj"), format!("{TE}.out_proj")];
         let shapes = |paths: &[String]| paths.iter().map(|p| (p.clone(), vec![4, 4])).collect();
-        ModelPaths {
-            unet: shapes(&unet),
-            text_encoder: shapes(&te),
-        }
+        ModelPaths { unet: shapes(&unet), text_encoder: shapes(&te) }
     }
 
     fn resolve(key: &str) -> Option<(LoraComponent, String, Role, Naming)> {
@@ -178,35 +148,11 @@ mod tests {
     #[test]
     fn kohya_names_resolve_by_flattened_path() {
         let flat = ATTN.replace('.', "_");
-        assert_eq!(
-            resolve(&format!("lora_unet_{flat}_to_out_0.lora_up.weight")),
-            Some((Unet, format!("{ATTN}.to_out.0"), Role::Up, Naming::Kohya))
-        );
-        assert_eq!(
-            resolve("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"),
-            Some((
-                TextEncoder,
-                format!("{TE}.q_proj"),
-                Role::Alpha,
-                Naming::Kohya
-            ))
-        );
+        assert_eq!(resolve(&format!("lora_unet_{flat}_to_out_0.lora_up.weight")), Some((Unet, format!("{ATTN}.to_out.0"), Role::Up, Naming::Kohya)));
+        assert_eq!(resolve("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"), Some((TextEncoder, format!("{TE}.q_proj"), Role::Alpha, Naming::Kohya)));
         // LDM names: input_blocks.1.0 is down_blocks.0.resnets.0 (two layers per block).
-        assert_eq!(
-            resolve("lora_unet_input_blocks_2_0_in_layers_2.lora_down.weight"),
-            Some((
-                Unet,
-                "down_blocks.0.resnets.1.conv1".into(),
-                Role::Down,
-                Naming::Kohya
-            ))
-        );
-        assert_eq!(
-            resolve("lora_unet_output_blocks_0_0_in_layers_2.lora_down.weight")
-                .unwrap()
-                .1,
-            "up_blocks.0.resnets.0.conv1"
-        );
+        assert_eq!(resolve("lora_unet_input_blocks_2_0_in_layers_2.lora_down.weight"), Some((Unet, "down_blocks.0.resnets.1.conv1".into(), Role::Down, Naming::Kohya)));
+        assert_eq!(resolve("lora_unet_output_blocks_0_0_in_layers_2.lora_down.weight").unwrap().1, "up_blocks.0.resnets.0.conv1");
         for key in [
             "lora_unet_a_b_c.lora_down.weight",
             &format!("lora_unet_{flat}_to_v.lora_down.weight"),
@@ -222,72 +168,20 @@ mod tests {
     #[test]
     fn peft_and_legacy_names() {
         let cases = [
-            (
-                format!("unet.{ATTN}.to_k.lora_A.weight"),
-                Role::Down,
-                Naming::Peft,
-            ),
-            (
-                format!("unet.{ATTN}.to_k.lora_B.weight"),
-                Role::Up,
-                Naming::Peft,
-            ),
-            (
-                format!("unet.{ATTN}.to_k.lora.down.weight"),
-                Role::Down,
-                Naming::Legacy,
-            ),
-            (
-                format!("unet.{ATTN}.to_k.lora_linear_layer.up.weight"),
-                Role::Up,
-                Naming::Legacy,
-            ),
-            (
-                format!("unet.{ATTN}.processor.to_k_lora.down.weight"),
-                Role::Down,
-                Naming::Legacy,
-            ),
-            (
-                format!("{ATTN}.processor.to_k_lora.up.weight"),
-                Role::Up,
-                Naming::Legacy,
-            ),
-            (
-                format!("unet.{ATTN}.to_k.alpha"),
-                Role::Alpha,
-                Naming::DiffusersAlpha,
-            ),
+            (format!("unet.{ATTN}.to_k.lora_A.weight"), Role::Down, Naming::Peft),
+            (format!("unet.{ATTN}.to_k.lora_B.weight"), Role::Up, Naming::Peft),
+            (format!("unet.{ATTN}.to_k.lora.down.weight"), Role::Down, Naming::Legacy),
+            (format!("unet.{ATTN}.to_k.lora_linear_layer.up.weight"), Role::Up, Naming::Legacy),
+            (format!("unet.{ATTN}.processor.to_k_lora.down.weight"), Role::Down, Naming::Legacy),
+            (format!("{ATTN}.processor.to_k_lora.up.weight"), Role::Up, Naming::Legacy),
+            (format!("unet.{ATTN}.to_k.alpha"), Role::Alpha, Naming::DiffusersAlpha),
         ];
         for (key, role, naming) in cases {
-            assert_eq!(
-                resolve(&key),
-                Some((Unet, format!("{ATTN}.to_k"), role, naming)),
-                "{key}"
-            );
+            assert_eq!(resolve(&key), Some((Unet, format!("{ATTN}.to_k"), role, naming)), "{key}");
         }
-        assert_eq!(
-            resolve(&format!("unet.{ATTN}.processor.to_out_lora.up.weight"))
-                .unwrap()
-                .1,
-            format!("{ATTN}.to_out.0")
-        );
-        assert_eq!(
-            resolve(&format!("text_encoder.{TE}.to_out_lora.down.weight"))
-                .unwrap()
-                .1,
-            format!("{TE}.out_proj")
-        );
-        assert_eq!(
-            resolve(&format!(
-                "text_encoder.{TE}.q_proj.lora_linear_layer.down.weight"
-            )),
-            Some((
-                TextEncoder,
-                format!("{TE}.q_proj"),
-                Role::Down,
-                Naming::Legacy
-            ))
-        );
+        assert_eq!(resolve(&format!("unet.{ATTN}.processor.to_out_lora.up.weight")).unwrap().1, format!("{ATTN}.to_out.0"));
+        assert_eq!(resolve(&format!("text_encoder.{TE}.to_out_lora.down.weight")).unwrap().1, format!("{TE}.out_proj"));
+        assert_eq!(resolve(&format!("text_encoder.{TE}.q_proj.lora_linear_layer.down.weight")), Some((TextEncoder, format!("{TE}.q_proj"), Role::Down, Naming::Legacy)));
         for key in [
             format!("unet.{ATTN}.to_k.down.weight"),
             format!("unet.{ATTN}.to_k.lora_A.bias"),

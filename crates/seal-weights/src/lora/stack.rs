@@ -16,21 +16,11 @@ pub fn stack(a: &LoraFile, b: &LoraFile) -> Result<LoraFile, LoraError> {
         };
         modules.insert(target.clone(), combined);
     }
-    Ok(LoraFile {
-        modules,
-        ..a.clone()
-    })
+    Ok(LoraFile { modules, ..a.clone() })
 }
 
-fn stack_module(
-    target: &LoraTarget,
-    a: &LoraModule,
-    b: &LoraModule,
-) -> Result<LoraModule, LoraError> {
-    let error = |reason: String| LoraError::Module {
-        target: target.to_string(),
-        reason,
-    };
+fn stack_module(target: &LoraTarget, a: &LoraModule, b: &LoraModule) -> Result<LoraModule, LoraError> {
+    let error = |reason: String| LoraError::Module { target: target.to_string(), reason };
     a.check().and(b.check()).map_err(error)?;
     let (da, db) = (&a.down.shape, &b.down.shape);
     let (ua, ub) = (&a.up.shape, &b.up.shape);
@@ -46,10 +36,7 @@ fn stack_module(
     // down stacks along its first axis, which is contiguous in row-major order.
     let mut down_shape = da.clone();
     down_shape[0] = rank;
-    let down = Tensor32 {
-        shape: down_shape,
-        data: [a.down.data.as_slice(), &b.down.data].concat(),
-    };
+    let down = Tensor32 { shape: down_shape, data: [a.down.data.as_slice(), &b.down.data].concat() };
     // up stacks along its second axis: each output row is a's row then b's, scaled.
     let (sa, sb) = (a.scale(), b.scale());
     let mut up_shape = ua.clone();
@@ -59,12 +46,5 @@ fn stack_module(
         data.extend(row_a.iter().map(|v| v * sa));
         data.extend(row_b.iter().map(|v| v * sb));
     }
-    Ok(LoraModule {
-        down,
-        up: Tensor32 {
-            shape: up_shape,
-            data,
-        },
-        alpha: Some(rank as f32),
-    })
+    Ok(LoraModule { down, up: Tensor32 { shape: up_shape, data }, alpha: Some(rank as f32) })
 }

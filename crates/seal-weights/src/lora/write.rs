@@ -17,14 +17,10 @@ use crate::DType;
 /// The kohya metadata loaders and model sites read; the caller adds base model and `seal_*`
 /// records.
 pub fn kohya_metadata(rank: usize, alpha: f32) -> BTreeMap<String, String> {
-    [
-        ("ss_network_module", "networks.lora".to_owned()),
-        ("ss_network_dim", rank.to_string()),
-        ("ss_network_alpha", alpha.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
+    [("ss_network_module", "networks.lora".to_owned()), ("ss_network_dim", rank.to_string()), ("ss_network_alpha", alpha.to_string())]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
 }
 
 /// Writes `lora` in its own [`LoraFormat`].
@@ -50,18 +46,8 @@ pub fn write_kohya(lora: &LoraFile) -> Result<Vec<u8>, LoraError> {
         };
         let name = format!("{prefix}{}", target.path.replace('.', "_"));
         let alpha = module.alpha.unwrap_or(module.rank() as f32);
-        tensors.add(
-            target,
-            format!("{name}.lora_down.weight"),
-            &module.down.shape,
-            &module.down.data,
-        )?;
-        tensors.add(
-            target,
-            format!("{name}.lora_up.weight"),
-            &module.up.shape,
-            &module.up.data,
-        )?;
+        tensors.add(target, format!("{name}.lora_down.weight"), &module.down.shape, &module.down.data)?;
+        tensors.add(target, format!("{name}.lora_up.weight"), &module.up.shape, &module.up.data)?;
         tensors.add(target, format!("{name}.alpha"), &[], &[alpha])?;
     }
     let mut metadata = lora.metadata.clone();
@@ -72,12 +58,7 @@ pub fn write_kohya(lora: &LoraFile) -> Result<Vec<u8>, LoraError> {
 /// peft layout in `lora.dtype`, as diffusers' `save_lora_weights` writes it:
 /// `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<path>...`.
 pub fn write_peft(lora: &LoraFile) -> Result<Vec<u8>, LoraError> {
-    write_diffusers(lora, |_, path| {
-        (
-            format!("{path}.lora_A.weight"),
-            format!("{path}.lora_B.weight"),
-        )
-    })
+    write_diffusers(lora, |_, path| (format!("{path}.lora_A.weight"), format!("{path}.lora_B.weight")))
 }
 
 /// The older diffusers layout in `lora.dtype`, as the diffusers-made files have it:
@@ -88,19 +69,13 @@ pub fn write_diffusers_legacy(lora: &LoraFile) -> Result<Vec<u8>, LoraError> {
             LoraComponent::Unet => "lora",
             LoraComponent::TextEncoder => "lora_linear_layer",
         };
-        (
-            format!("{path}.{infix}.down.weight"),
-            format!("{path}.{infix}.up.weight"),
-        )
+        (format!("{path}.{infix}.down.weight"), format!("{path}.{infix}.up.weight"))
     })
 }
 
 /// Both diffusers layouts: scales folded into `up`, `lora.metadata` plus `format` and a
 /// `lora_adapter_metadata` config per component stating each module's rank as its alpha.
-fn write_diffusers(
-    lora: &LoraFile,
-    names: impl Fn(LoraComponent, &str) -> (String, String),
-) -> Result<Vec<u8>, LoraError> {
+fn write_diffusers(lora: &LoraFile, names: impl Fn(LoraComponent, &str) -> (String, String)) -> Result<Vec<u8>, LoraError> {
     let mut tensors = Tensors::new(lora.dtype);
     let mut ranks: BTreeMap<LoraComponent, BTreeMap<&str, usize>> = BTreeMap::new();
     for (target, module) in &lora.modules {
@@ -109,17 +84,9 @@ fn write_diffusers(
         let prefix = target.component.name();
         let scale = module.scale();
         let up_data: Vec<f32> = module.up.data.iter().map(|v| v * scale).collect();
-        tensors.add(
-            target,
-            format!("{prefix}.{down}"),
-            &module.down.shape,
-            &module.down.data,
-        )?;
+        tensors.add(target, format!("{prefix}.{down}"), &module.down.shape, &module.down.data)?;
         tensors.add(target, format!("{prefix}.{up}"), &module.up.shape, &up_data)?;
-        ranks
-            .entry(target.component)
-            .or_default()
-            .insert(&target.path, module.rank());
+        ranks.entry(target.component).or_default().insert(&target.path, module.rank());
     }
     let mut config = Map::new();
     for (component, ranks) in ranks {
@@ -141,33 +108,17 @@ fn peft_config(ranks: &BTreeMap<&str, usize>) -> Map<String, Value> {
         *counts.entry(r).or_default() += 1;
     }
     // Most common, the smallest on a tie (any choice is exact; this one is deterministic).
-    let r = counts
-        .iter()
-        .max_by_key(|&(&rank, &n)| (n, std::cmp::Reverse(rank)))
-        .map_or(0, |(&rank, _)| rank);
-    let pattern: Map<String, Value> = ranks
-        .iter()
-        .filter(|&(_, &rank)| rank != r)
-        .map(|(&path, &rank)| (path.to_owned(), json!(rank)))
-        .collect();
+    let r = counts.iter().max_by_key(|&(&rank, &n)| (n, std::cmp::Reverse(rank))).map_or(0, |(&rank, _)| rank);
+    let pattern: Map<String, Value> = ranks.iter().filter(|&(_, &rank)| rank != r).map(|(&path, &rank)| (path.to_owned(), json!(rank))).collect();
     let targets: BTreeSet<&str> = ranks.keys().copied().collect();
-    [
-        ("r", json!(r)),
-        ("lora_alpha", json!(r)),
-        ("rank_pattern", Value::Object(pattern.clone())),
-        ("alpha_pattern", Value::Object(pattern)),
-        ("target_modules", json!(targets)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
+    [("r", json!(r)), ("lora_alpha", json!(r)), ("rank_pattern", Value::Object(pattern.clone())), ("alpha_pattern", Value::Object(pattern)), ("target_modules", json!(targets))]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
 }
 
 fn check(target: &LoraTarget, module: &LoraModule) -> Result<(), LoraError> {
-    module.check().map_err(|reason| LoraError::Module {
-        target: target.to_string(),
-        reason,
-    })
+    module.check().map_err(|reason| LoraError::Module { target: target.to_string(), reason })
 }
 
 /// Tensors encoded in one dtype, by key.
@@ -178,24 +129,13 @@ struct Tensors {
 
 impl Tensors {
     fn new(dtype: DType) -> Self {
-        Self {
-            dtype,
-            tensors: BTreeMap::new(),
-        }
+        Self { dtype, tensors: BTreeMap::new() }
     }
 
     /// Refuses values that are not finite in the dtype (an f16 overflow becomes infinite).
-    fn add(
-        &mut self,
-        target: &LoraTarget,
-        key: String,
-        shape: &[usize],
-        data: &[f32],
-    ) -> Result<(), LoraError> {
-        let bytes = encode(self.dtype, data).ok_or_else(|| LoraError::Module {
-            target: target.to_string(),
-            reason: format!("{key} has values that are not finite in {}", self.dtype),
-        })?;
+    fn add(&mut self, target: &LoraTarget, key: String, shape: &[usize], data: &[f32]) -> Result<(), LoraError> {
+        let bytes =
+            encode(self.dtype, data).ok_or_else(|| LoraError::Module { target: target.to_string(), reason: format!("{key} has values that are not finite in {}", self.dtype) })?;
         self.tensors.insert(key, (shape.to_vec(), bytes));
         Ok(())
     }
@@ -264,14 +204,8 @@ mod tests {
 
     #[test]
     fn encodes_each_dtype_and_refuses_overflow() {
-        assert_eq!(
-            encode(DType::F32, &[1.5]),
-            Some(1.5f32.to_le_bytes().to_vec())
-        );
-        assert_eq!(
-            encode(DType::F16, &[1.0, -2.0]),
-            Some(vec![0x00, 0x3c, 0x00, 0xc0])
-        );
+        assert_eq!(encode(DType::F32, &[1.5]), Some(1.5f32.to_le_bytes().to_vec()));
+        assert_eq!(encode(DType::F16, &[1.0, -2.0]), Some(vec![0x00, 0x3c, 0x00, 0xc0]));
         assert_eq!(encode(DType::BF16, &[1.0]), Some(vec![0x80, 0x3f]));
         assert_eq!(encode(DType::F16, &[70000.0]), None);
         assert_eq!(encode(DType::BF16, &[f32::MAX]), None);
@@ -290,9 +224,7 @@ mod tests {
 
     #[test]
     fn peft_config_puts_uncommon_ranks_in_patterns() {
-        let ranks = [("a", 4), ("b", 8), ("c", 4), ("d", 2)]
-            .into_iter()
-            .collect();
+        let ranks = [("a", 4), ("b", 8), ("c", 4), ("d", 2)].into_iter().collect();
         let c = Value::Object(peft_config(&ranks));
         assert_eq!(
             c,
