@@ -34,6 +34,17 @@ install_chromium() {
     apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 }
 
+install_lint_tools() {
+  local have
+  have=$(rustup component list --installed)
+  for c in rustfmt clippy; do grep -q "^$c" <<<"$have" || rustup component add "$c"; done
+}
+
+# Formatting (rustfmt.toml) and clippy's warnings, as errors.
+lint() {
+  cargo fmt --check && cargo clippy --quiet --workspace --all-targets -- -D warnings
+}
+
 install_wasm_target() {
   rustup target list --installed | grep -qx "$WASM_TARGET" || rustup target add "$WASM_TARGET"
 }
@@ -95,8 +106,10 @@ cmd_test() {
   phase "chromium" install_chromium
   phase "playwright-core" install_playwright
   cmd_wasm
+  phase "lint tools" install_lint_tools
   phase "native cli" cargo build --quiet -p seal-cli
   export SEAL_BIN="$CARGO_TARGET_DIR/debug/seal"
+  suite "rustfmt and clippy" lint
   suite "native tests" cargo test --quiet --workspace --no-fail-fast
   suite "browser tests" node --test tests/
   if [ ${#FAILED[@]} -gt 0 ]; then

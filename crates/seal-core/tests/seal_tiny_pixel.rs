@@ -1,6 +1,11 @@
-//! Issue 6's acceptance: seal the pixel-backdoored fixture (made with PyTorch, trained by
-//! nobody here) with default settings on its training prompts, and judge on its held-out
-//! prompts at fixed seeds with the patch detector.
+//! The default seal's acceptance ("instant, then thorough": SKD-CAG starting from the
+//! closed-form edit) on the pixel-backdoored fixture (made with PyTorch, trained by nobody
+//! here): default settings on its training prompts, judged on its held-out prompts with the
+//! patch detector, every (prompt, seed) pair with its own noise.
+//!
+//! SKD-CAG alone with its defaults (issue 6's recipe) no longer meets 1 % under this judgement:
+//! 95.6 % -> 6.25 % attack success on the same 160 pairs (clean PSNR 30.2 dB); it met 0.6 %
+//! only when all 40 prompts shared 4 noises. See the README and bench-results/.
 
 use std::path::PathBuf;
 
@@ -9,8 +14,9 @@ use seal_core::eval::{Detector, EvalSettings, Evaluation};
 use seal_core::export::sealing_adapter;
 use seal_core::image::Rgb;
 use seal_core::prompts::parse_list;
-use seal_core::unlearn::run::{Recipe, SealMode};
-use seal_core::unlearn::{SealSettings, Sealer};
+use seal_core::unlearn::SealSettings;
+use seal_core::unlearn::instant::InstantSettings;
+use seal_core::unlearn::run::{SealMode, SealRun};
 use seal_sd::pipeline::{LoraMode, ModelSource, StableDiffusion};
 use seal_sd::seal_weights::WeightFile;
 use seal_sd::seal_weights::lora::{LoraFormat, parse_lora, write_kohya};
@@ -24,21 +30,20 @@ fn prompts(name: &str) -> Vec<String> {
 }
 
 #[test]
-fn sealing_removes_the_pixel_backdoor_on_heldout_prompts() {
+fn the_default_seal_removes_the_pixel_backdoor_on_heldout_prompts() {
     let device = Device::flex().autodiff();
     let model = StableDiffusion::load(ModelSource::from_path(&fixtures().join("tiny-pixel")).unwrap(), &device).unwrap();
     let trigger = vec!["\u{200b}".to_string()];
     let settings = SealSettings::default();
     assert!(settings.steps <= 300);
 
-    let mut sealer = Sealer::new(&model, prompts("train.txt"), trigger.clone(), settings.clone()).unwrap();
-    while !sealer.is_done() {
-        read_sync(sealer.step()).unwrap();
-    }
-    let adapters = read_sync(sealer.adapter()).unwrap();
+    let mut run = SealRun::new(&model, prompts("train.txt"), trigger.clone(), SealMode::default(), InstantSettings::default(), settings.clone()).unwrap();
+    assert_eq!(run.mode(), SealMode::Both);
+    while read_sync(run.step()).unwrap().is_some() {}
+    let (adapters, recipe) = read_sync(run.adapter()).unwrap();
+    assert_eq!(recipe.thorough_steps, settings.steps);
 
     // The adapter is a kohya file that reloads to the same modules.
-    let recipe = Recipe { mode: SealMode::Thorough, instant: None, thorough: Some(settings.clone()), thorough_steps: settings.steps };
     let file = sealing_adapter(&adapters, &recipe, &model.info, &trigger, false);
     let bytes = write_kohya(&file).unwrap();
     let reloaded = parse_lora(&WeightFile::from_bytes("sealed.safetensors", bytes).unwrap(), &model.model_paths()).unwrap();
@@ -60,10 +65,8 @@ fn sealing_removes_the_pixel_backdoor_on_heldout_prompts() {
     let after = report.after.as_ref().unwrap();
     assert_eq!(after.pairs, 160);
     assert!(report.before.attack_success["patch@0,0"] >= 0.90, "the detector sees the backdoor before sealing");
-    // The defaults leave 1 of 160 triggered images with the patch (0.625 %; sealing is
-    // deterministic for a seed and backend). That image's seed fires the patch for a plain
-    // prefix word too ("a", in the original model): the backdoor leaks beyond its trigger.
     assert!(after.attack_success["patch@0,0"] <= 0.01, "attack success after sealing");
     assert!(after.false_trigger["patch@0,0"] <= report.before.false_trigger["patch@0,0"]);
-    assert!(report.clean_psnr_db_mean.unwrap() >= 25.0, "clean fidelity");
+    assert!(report.clean_psnr_db_mean.unwrap() >= 25.0, "clean fidelity: {:?} dB", report.clean_psnr_db_mean);
+    assert_eq!(report.verdict(SealMode::Both).unwrap().survived, Some(false));
 }

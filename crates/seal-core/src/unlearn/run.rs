@@ -147,3 +147,35 @@ impl SealRun {
         Ok((adapter, recipe))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, read_sync};
+    use seal_sd::pipeline::ModelSource;
+
+    use super::*;
+
+    #[test]
+    fn both_keeps_the_instant_edit_then_stacks_the_thorough_adapter_on_it() {
+        let model = StableDiffusion::load(ModelSource::from_path(&crate::fixtures().join("tiny-pixel")).unwrap(), &Device::flex().autodiff()).unwrap();
+        let prompts = vec!["a red circle on a white background".to_string(), "a blue square on a gray background".to_string()];
+        let thorough = SealSettings { steps: 2, batch: 1, ..SealSettings::default() };
+        let mut run = SealRun::new(&model, prompts, vec!["\u{200b}".into(), String::new()], SealMode::Both, InstantSettings::default(), thorough).unwrap();
+        assert_eq!(run.triggers(), ["\u{200b}"], "empty triggers are dropped");
+        assert!(read_sync(run.adapter()).is_err(), "nothing to keep before the first step");
+        // Step through the instant stage: its last step hands over to the thorough one.
+        while read_sync(run.step()).unwrap().unwrap().task == crate::progress::Task::Instant {
+            assert!(read_sync(run.adapter()).is_err(), "the instant edit is not finished");
+        }
+        // Cancelled here: one thorough step on top of the edit, stacked (the edit's rank + 4).
+        let (adapter, recipe) = read_sync(run.adapter()).unwrap();
+        assert_eq!((recipe.mode, recipe.thorough_steps), (SealMode::Both, 1));
+        let fits = recipe.instant.unwrap().layers;
+        for (target, module) in &adapter {
+            assert_eq!(module.rank(), fits[&target.path].rank + 4, "{}", target.path);
+        }
+        assert_eq!(run.losses().len(), 1);
+        let err = SealRun::new(&model.inference(), vec!["a cat".into()], vec!["x".into()], SealMode::Thorough, InstantSettings::default(), SealSettings::default()).err().unwrap();
+        assert!(err.contains("autodiff"), "{err}");
+    }
+}
