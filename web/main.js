@@ -272,10 +272,10 @@ async function loadModel(afterCrash = false) {
       await call("stage_file", f.path, new Uint8Array(await f.file.arrayBuffer()));
     }
     setTask("Building the model…");
-    showModel(JSON.parse(await call("load_model")));
+    const note = showModel(JSON.parse(await call("load_model")));
     model.loaded = true;
     $("#lora-drop").hidden = false;
-    setTask(afterCrash ? "The engine stopped and was restarted on the CPU (see Engine); the model is reloaded — try again." : "Model loaded.");
+    setTask(afterCrash ? "The engine stopped and was restarted on the CPU (see Engine); the model is reloaded — try again." : `Model loaded.${note ? ` ${note}` : ""}`);
   } catch (e) {
     setTask("");
     const hint = /vocabulary|no .*config\.json|tokenizer/.test(e.message)
@@ -290,6 +290,12 @@ async function loadModel(afterCrash = false) {
 
 function showModel(info) {
   $("#setting-resolution")?.setAttribute("placeholder", `${info.sample_size} (the model's)`);
+  // A real-size UNet trains far too slowly on the CPU engine: start from the instant seal there.
+  let note = "";
+  if (document.body.dataset.backend === "cpu" && info.unet_parameters > 1e8 && sealMode() === "both") {
+    $("#mode input[value=instant]").checked = true;
+    note = "A model of this size trains very slowly on the CPU, so the instant seal is selected (the thorough one needs WebGPU to be practical).";
+  }
   const millions = (n) => `${(n / 1e6).toFixed(n < 1e7 ? 2 : 0)} M`;
   definitions($("#model-info"), [
     ["info-source", "source", info.source],
@@ -300,6 +306,7 @@ function showModel(info) {
     ["info-unused", "unused tensors", info.unused_keys.length ? `${info.unused_keys.length}: ${info.unused_keys.slice(0, 5).join(", ")}` : "none"],
     ...(info.notes.length ? [["info-notes", "notes", info.notes.join("; ")]] : []),
   ]);
+  return note;
 }
 
 async function loadLora(file) {
