@@ -194,7 +194,7 @@ pub fn run(args: Args) -> Result<(), String> {
     let settings = SealSettings { batch: 2, resolution: Some(256), ..SealSettings::default() };
     seals.push(sealing("BK-SDM-tiny shape, random weights, 256x256", &bk, prompts.clone(), "cf", settings, 2)?);
 
-    let instant = vec![instant_tiny(&args.fixtures, &prompts)?, instant_sd15(&args.fixtures)?];
+    let instant = vec![instant_tiny(&args.fixtures, &prompts)?, instant_sd15(&args.fixtures, 80)?, instant_sd15(&args.fixtures, 90)?];
 
     let report = json!({
         "backend": "flex (CPU)",
