@@ -1,12 +1,13 @@
 //! CLIP text encoder (transformers' `CLIPTextModel`), returning `last_hidden_state`.
 
 use burn::module::Module;
-use burn::tensor::{Bool, Device, Int, Tensor, activation::sigmoid};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation::sigmoid};
 use serde::Deserialize;
 
 use crate::ModelError;
 use crate::attention::multi_head;
 use crate::layers::{Embedding, LayerNorm, Linear, gelu};
+use crate::tokenizer::{ClipTokenizer, TokenizerError};
 
 /// The fields of transformers' `CLIPTextConfig` that shape the model.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -134,6 +135,16 @@ impl ClipTextModel {
                 final_layer_norm: LayerNorm::new(d, eps, device),
             },
         }
+    }
+
+    /// `last_hidden_state [B, 77, hidden]` of `texts`, tokenized by `tokenizer` as
+    /// `CLIPTokenizer(padding="max_length", truncation=True)` does.
+    pub fn encode_texts(&self, tokenizer: &ClipTokenizer, texts: &[&str], device: &Device) -> Result<Tensor<3>, TokenizerError> {
+        let mut ids = Vec::with_capacity(texts.len() * tokenizer.max_length());
+        for text in texts {
+            ids.extend(tokenizer.encode(text)?.into_iter().map(i64::from));
+        }
+        Ok(self.forward(Tensor::from_data(TensorData::new(ids, [texts.len(), tokenizer.max_length()]), device)))
     }
 
     /// `ids [B, T]` -> `last_hidden_state [B, T, hidden]` (causal self-attention, final layer norm).

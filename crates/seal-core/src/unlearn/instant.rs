@@ -308,7 +308,7 @@ impl InstantSeal {
             texts.push(clean);
             texts.extend(triggered.iter().map(String::as_str));
         }
-        let hidden = read_host(self.encode(&texts)?).await?;
+        let hidden = read_host(self.text_encoder.encode_texts(&self.tokenizer, &texts, &self.device).map_err(|e| e.to_string())?).await?;
         let (t, d) = (self.tokenizer.max_length(), self.sums.cross.rows);
         let row_block = |i: usize| &hidden[i * t * d..(i + 1) * t * d];
         let mut at = 0;
@@ -334,15 +334,6 @@ impl InstantSeal {
         }
         self.cursor = end;
         Ok(())
-    }
-
-    fn encode(&self, texts: &[&str]) -> Result<Tensor<3>, String> {
-        let mut ids = Vec::with_capacity(texts.len() * self.tokenizer.max_length());
-        for text in texts {
-            ids.extend(self.tokenizer.encode(text).map_err(|e| e.to_string())?.into_iter().map(i64::from));
-        }
-        let ids = Tensor::from_data(TensorData::new(ids, [texts.len(), self.tokenizer.max_length()]), &self.device);
-        Ok(self.text_encoder.forward(ids))
     }
 
     /// Adds `rows` to the kept ones, counted `times` times.
