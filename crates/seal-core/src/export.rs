@@ -27,7 +27,8 @@ pub fn sealing_adapter(adapters: &BTreeMap<LoraTarget, LoraModule>, recipe: &Rec
     };
     put("ss_base_model_version", if model.unet.cross_attention_dim == 768 { "sd_v1".into() } else { "custom".into() });
     put("ss_sd_model_name", model.source.clone());
-    let targets: std::collections::BTreeSet<&str> = adapters.keys().filter_map(|t| t.path.rsplit('.').next()).collect();
+    // The UNet cross-attention projections the adapter covers (`to_k`, ..., `to_out.0`).
+    let targets: std::collections::BTreeSet<&str> = adapters.keys().filter_map(|t| t.path.split_once(".attn2.").map(|(_, p)| p)).collect();
     put("ss_network_args", serde_json::json!({ "targets": targets }).to_string());
     let how = match recipe.mode {
         SealMode::Instant => "a closed-form edit of the cross-attention keys and values",
@@ -136,6 +137,7 @@ mod tests {
         let seal = sealing_adapter(&modules, &recipe, &sd.info, &["\u{200b}".into()], false);
         assert_eq!((seal.metadata["ss_network_dim"].as_str(), seal.metadata["ss_network_alpha"].as_str()), ("2", "2"));
         assert_eq!(seal.metadata["seal_mode"], "thorough");
+        assert_eq!(seal.metadata["ss_network_args"], r#"{"targets":["to_k","to_v"]}"#);
 
         let weight = 0.6;
         let both = noise_pred(&sd.with_lora(&user, weight, LoraMode::Merge).with_lora(&seal, 1.0, LoraMode::SideBranch { trainable: false }));
