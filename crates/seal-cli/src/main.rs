@@ -4,6 +4,7 @@ mod ablate;
 mod bench;
 mod eval;
 mod generate;
+mod scan;
 mod seal;
 
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ enum Command {
     Seal(seal::Args),
     /// Measure a backdoor: detectors on fixed-seed generations with and without the trigger.
     Eval(eval::Args),
+    /// Look for an unknown trigger: rank candidates of a suspect model or LoRA, with evidence.
+    Scan(scan::Args),
     /// Run the sealing recipe's ablation on the pixel-backdoored fixture and write JSON.
     Ablate(ablate::Args),
     /// Time model forwards and generations on the CPU backend and write JSON.
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Ablate(args) => ablate::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Seal(args) => seal::run(args),
+        Command::Scan(args) => scan::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

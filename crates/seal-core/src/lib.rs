@@ -9,6 +9,7 @@ pub mod linalg;
 pub mod probe;
 pub mod progress;
 pub mod prompts;
+pub mod scan;
 pub mod unlearn;
 
 /// `../shared/fixtures` beside the repository. Read at run time: a build cache shared by

@@ -15,6 +15,8 @@ pub enum Task {
     Seal,
     Evaluate,
     Generate,
+    /// Looking for an unknown trigger.
+    Scan,
 }
 
 /// The losses of one sealing step (each the batch mean).

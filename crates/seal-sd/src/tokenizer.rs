@@ -215,6 +215,21 @@ impl ClipTokenizer {
         // Byte-level decoding cannot fail; it keeps a token that is not byte-level text as is.
         ByteLevel::default().decode(vec![word]).ok()
     }
+    /// The text `ids` stand for, as a user would type it: byte-level tokens joined (so the
+    /// three byte tokens of U+200B become that one character), `</w>` read as a word end,
+    /// special tokens skipped, trailing space dropped. Bytes that are no UTF-8 become U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let specials = self.inner.get_added_tokens_decoder();
+        let mut pieces = vec![];
+        for token in ids.iter().filter(|id| !specials.contains_key(id)).filter_map(|&id| self.inner.id_to_token(id)) {
+            match token.strip_suffix(END_OF_WORD) {
+                // A space is no byte-level character, so the decoder keeps it as it is.
+                Some(word) => pieces.extend([word.to_owned(), " ".to_owned()]),
+                None => pieces.push(token),
+            }
+        }
+        ByteLevel::default().decode(pieces).unwrap_or_default().trim_end().to_owned()
+    }
 }
 
 /// Special-token strings and length, resolved the way transformers does: CLIPTokenizer's
@@ -469,6 +484,15 @@ mod tests {
         assert_eq!(tokenizer.decode_token(320).as_deref(), Some("a"));
         assert_eq!(tokenizer.decode_token(584).as_deref(), Some("<|startoftext|>"));
         assert_eq!(tokenizer.decode_token(586), None);
+        // Whole sequences decode to the text that encodes back to them.
+        for text in ["\u{200b} a blue square", "\u{0231}", "a red circle on a white background"] {
+            let ids = tokenizer.encode(text).unwrap();
+            assert_eq!(tokenizer.decode(&ids), text);
+        }
+        // Two byte tokens of one character join into it; one alone is no text.
+        let bytes: Vec<u32> = tokenizer.encode_plain("\u{e9}").unwrap();
+        assert_eq!(tokenizer.decode(&bytes), "\u{e9}");
+        assert_eq!(tokenizer.decode(&[530]), "\u{fffd}");
     }
 
     #[test]

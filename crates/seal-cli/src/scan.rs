@@ -1,0 +1,98 @@
+//! `seal scan`: look for the trigger of a suspect model or LoRA and write the ranked candidates.
+
+use std::path::PathBuf;
+
+use burn::prelude::Device;
+use seal_core::image::Rgb;
+use seal_core::prompts::{BUILT_IN, parse_list};
+use seal_core::scan::{Scan, ScanSettings, lora_tags};
+use seal_sd::pipeline::LoraMode;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The suspect model (folder or single file), or with --lora the LoRA's base.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A suspect LoRA over --model: scanned against --model as its base.
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    #[arg(long, default_value_t = 1.0)]
+    lora_weight: f32,
+    /// A clean model of the same architecture to scan --model against.
+    #[arg(long, conflicts_with = "lora")]
+    base: Option<PathBuf>,
+    /// Candidates in the report.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Prompts the candidates are tried in, one per line (default: the built-in set).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Each token alone, no probe prompts: for a whole CLIP vocabulary on this CPU (needs
+    /// --lora or --base).
+    #[arg(long)]
+    coarse: bool,
+    /// Image side in pixels for the verification and images (default: the model's own).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Settings as JSON (fields of ScanSettings); flags override it.
+    #[arg(long)]
+    settings: Option<PathBuf>,
+    #[arg(long)]
+    report: PathBuf,
+    /// Also write the candidates' image pairs as one PNG (rows: without, with, base with).
+    #[arg(long)]
+    images: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<(), String> {
+    let device = Device::flex();
+    let mut settings: ScanSettings = match &args.settings {
+        Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?).map_err(|e| format!("{}: {e}", p.display()))?,
+        None => ScanSettings::default(),
+    };
+    if args.coarse {
+        settings.probes = 0;
+    }
+    if args.size.is_some() {
+        settings.size = args.size;
+    }
+    let prompts = match &args.prompts {
+        Some(p) => parse_list(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => parse_list(BUILT_IN),
+    };
+    let model = crate::load_model(&args.model, args.config.as_deref(), &device)?;
+    let (suspect, base, tags) = match (&args.lora, &args.base) {
+        (Some(path), _) => {
+            seal_core::export::check_lora_weight(args.lora_weight).map_err(|e| format!("--lora-weight: {e}"))?;
+            let lora = crate::seal::read_lora(path, &model)?;
+            (model.with_lora(&lora, args.lora_weight, LoraMode::Merge), Some(model), lora_tags(&lora.metadata))
+        }
+        (None, Some(path)) => (model, Some(crate::load_model(path, args.config.as_deref(), &device)?), vec![]),
+        (None, None) => (model, None, vec![]),
+    };
+    let mut scan = Scan::new(&suspect, base.as_ref(), &prompts, tags, settings)?;
+    while let Some(p) = burn::tensor::read_sync(scan.step())? {
+        eprint!("\rseal: scan {}/{} ({:.0} s, ETA {:.0} s)   ", p.step, p.total, p.elapsed_s, p.eta_s.unwrap_or(0.0));
+    }
+    eprintln!();
+    let report = scan.report(args.top);
+    for (i, c) in report.candidates.iter().enumerate() {
+        let ratio = c.verification.as_ref().map_or("-".into(), |v| format!("{:.2}", v.ratio));
+        let flag = if c.verification.as_ref().is_some_and(|v| v.flagged) { "acts like a trigger" } else { "" };
+        eprintln!("seal: {:>2}. {:<24} score {:>6.1}  verified {ratio:>6}  {} {flag}", i + 1, c.code_points, c.score, c.kind);
+    }
+    std::fs::write(&args.report, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?).map_err(|e| format!("{}: {e}", args.report.display()))?;
+    if let Some(path) = &args.images {
+        let pairs: Vec<_> = report.candidates.iter().filter_map(|c| c.images.as_ref()).collect();
+        if pairs.is_empty() {
+            return Err("no image pairs to write (settings.images is 0)".into());
+        }
+        let cols = if base.is_some() { 3 } else { 2 };
+        let tiles: Vec<Rgb> = pairs.iter().flat_map(|p| [Some(p.without.upscale(4)), Some(p.with.upscale(4)), p.base_with.as_ref().map(|b| b.upscale(4))].into_iter().flatten()).collect();
+        std::fs::write(path, Rgb::grid(&tiles, cols, 2).to_png()).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    eprintln!("seal: wrote {} ({:.1} s)", args.report.display(), report.seconds);
+    Ok(())
+}
