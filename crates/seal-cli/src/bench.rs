@@ -30,6 +30,9 @@ pub struct Args {
     /// Timed repetitions of each UNet forward.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Only the trigger scans (writes `{"scan": [...]}`).
+    #[arg(long)]
+    scan_only: bool,
 }
 
 /// Peak resident memory of this process so far (Linux VmHWM), in MiB.
@@ -169,8 +172,62 @@ fn instant_sd15(fixtures: &std::path::Path, n: usize) -> Result<Value, String> {
     instant_run(&format!("SD 1.5 shape (CLIP ViT-L/14, 32 attn2 to_k/to_v), random weights, {} prompts", prompts.len()), &mut seal)
 }
 
+/// One scan of the fixtures: time, what was flagged, where U+200B ranks.
+fn scan_run(name: &str, suspect: &StableDiffusion, base: Option<&StableDiffusion>, prompts: &[String]) -> Result<Value, String> {
+    use seal_core::scan::{Scan, ScanSettings};
+    eprintln!("bench: scan {name}");
+    let mut scan = Scan::new(suspect, base, prompts, vec![], ScanSettings::default())?;
+    while burn::tensor::read_sync(scan.step())?.is_some() {}
+    let report = scan.report(usize::MAX);
+    let flagged: Vec<&str> = report.candidates.iter().filter(|c| c.verification.as_ref().is_some_and(|v| v.flagged)).map(|c| c.code_points.as_str()).collect();
+    let ratios: Vec<f64> = report.candidates.iter().filter_map(|c| c.verification.as_ref().map(|v| v.ratio)).collect();
+    Ok(json!({
+        "name": name,
+        "mode": report.mode,
+        "seconds": report.seconds,
+        "vocabulary": report.vocabulary,
+        "flagged": flagged,
+        "rank_of_u200b": report.candidates.iter().position(|c| c.text == "\u{200b}").map(|i| i + 1),
+        "verification_ratios": ratios,
+        "flag_ratio": seal_core::scan::FLAG_RATIO,
+    }))
+}
+
+/// The scan on every fixture: tiny-pixel against tiny-clean and alone, tiny-clean alone, the
+/// weak LoRA and a clean random LoRA (rank 4 on every attention projection) over tiny-clean.
+fn scans(fixtures: &std::path::Path, prompts: &[String]) -> Result<Vec<Value>, String> {
+    use seal_sd::lora::{Projection, cross_attention_targets, fresh_adapters};
+    use seal_sd::pipeline::LoraMode;
+    use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, LoraFormat, LoraTarget, kohya_metadata};
+    let device = Device::flex();
+    let pixel = crate::load_model(&fixtures.join("tiny-pixel"), None, &device)?;
+    let clean = crate::load_model(&fixtures.join("tiny-clean"), None, &device)?;
+    let weak = crate::seal::read_lora(&fixtures.join("lora/weak_lora_kohya.safetensors"), &clean)?;
+    let targets = cross_attention_targets(&clean.unet, &[Projection::ToQ, Projection::ToK, Projection::ToV, Projection::ToOut]);
+    let mut random = fresh_adapters(&clean.unet, &targets, 4, 4.0, 11);
+    let mut rng = SeededRng::new(12);
+    random.values_mut().for_each(|m| m.up.data = rng.normals(m.up.data.len()).into_iter().map(|x| x * 0.05).collect());
+    let random = LoraFile {
+        format: LoraFormat::Kohya,
+        modules: random.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect(),
+        metadata: kohya_metadata(4, 4.0),
+        dtype: seal_sd::seal_weights::DType::F32,
+    };
+    Ok(vec![
+        scan_run("tiny-pixel against tiny-clean", &pixel, Some(&clean), prompts)?,
+        scan_run("tiny-pixel alone", &pixel, None, prompts)?,
+        scan_run("tiny-clean alone (no backdoor)", &clean, None, prompts)?,
+        scan_run("weak kohya LoRA over tiny-clean (faint U+200B backdoor)", &clean.with_lora(&weak, 1.0, LoraMode::Merge), Some(&clean), prompts)?,
+        scan_run("clean random LoRA over tiny-clean (no backdoor)", &clean.with_lora(&random, 1.0, LoraMode::Merge), Some(&clean), prompts)?,
+    ])
+}
+
 pub fn run(args: Args) -> Result<(), String> {
     let device = Device::flex();
+    if args.scan_only {
+        let prompts = parse_list(&std::fs::read_to_string(args.fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);
+        return write_report(&args.out, &json!({ "backend": "flex (CPU)", "scan": scans(&args.fixtures, &prompts)? }));
+    }
     let mut results = vec![];
     let pixel = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device.clone().autodiff())?;
     let prompts = parse_list(&std::fs::read_to_string(args.fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);
@@ -195,20 +252,26 @@ pub fn run(args: Args) -> Result<(), String> {
     seals.push(sealing("BK-SDM-tiny shape, random weights, 256x256", &bk, prompts.clone(), "cf", settings, 2)?);
 
     let instant = vec![instant_tiny(&args.fixtures, &prompts)?, instant_sd15(&args.fixtures, 80)?, instant_sd15(&args.fixtures, 90)?];
+    let scan = scans(&args.fixtures, &prompts)?;
 
     let report = json!({
         "backend": "flex (CPU)",
         "instant": instant,
+        "scan": scan,
         "threads": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "results": results,
         "sealing": seals,
         "peak_rss_mib": peak_rss_mib(),
     });
-    if let Some(dir) = args.out.parent() {
+    write_report(&args.out, &report)
+}
+
+fn write_report(out: &std::path::Path, report: &Value) -> Result<(), String> {
+    if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-    crate::seal::write_atomic(&args.out, text.as_bytes())?;
+    let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    crate::seal::write_atomic(out, text.as_bytes())?;
     println!("{text}");
     Ok(())
 }

@@ -231,12 +231,21 @@ struct Baseline {
 
 enum Stage {
     Probes,
-    Vocabulary { next: usize },
+    Vocabulary {
+        next: usize,
+    },
     /// Scoring `pending` (the beam's extensions to `length` tokens, then random sequences).
-    Extend { length: usize, next: usize },
+    Extend {
+        length: usize,
+        next: usize,
+    },
     Prepare,
-    Verify { next: usize },
-    Images { next: usize },
+    Verify {
+        next: usize,
+    },
+    Images {
+        next: usize,
+    },
     Done,
 }
 
@@ -404,7 +413,8 @@ impl Scan {
     fn encode(&self, model: &StableDiffusion, seqs: &[Vec<u32>], prompt: &[u32]) -> Tensor<3> {
         let tok = &model.tokenizer;
         let len = seqs[0].len() + prompt.len() + 2;
-        let ids: Vec<i64> = seqs.iter().flat_map(|s| std::iter::once(tok.bos_id()).chain(s.iter().copied()).chain(prompt.iter().copied()).chain([tok.eos_id()])).map(i64::from).collect();
+        let ids: Vec<i64> =
+            seqs.iter().flat_map(|s| std::iter::once(tok.bos_id()).chain(s.iter().copied()).chain(prompt.iter().copied()).chain([tok.eos_id()])).map(i64::from).collect();
         model.text_encoder.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [seqs.len(), len]), &model.device))
     }
 
@@ -745,4 +755,61 @@ fn median(values: &[f64]) -> f64 {
 
 fn median_abs_dev(values: &[f64], center: f64) -> f64 {
     median(&values.iter().map(|v| (v - center).abs()).collect::<Vec<_>>())
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, read_sync};
+    use seal_sd::pipeline::ModelSource;
+
+    use super::*;
+    use crate::prompts::parse_list;
+
+    fn load(name: &str) -> StableDiffusion {
+        StableDiffusion::load(ModelSource::from_path(&crate::fixtures().join(name)).unwrap(), &Device::flex()).unwrap()
+    }
+
+    fn run(suspect: &StableDiffusion, base: Option<&StableDiffusion>) -> ScanReport {
+        let prompts = parse_list(&std::fs::read_to_string(crate::fixtures().join("prompts/train.txt")).unwrap());
+        let mut scan = Scan::new(suspect, base, &prompts, vec![], ScanSettings { images: 1, ..ScanSettings::default() }).unwrap();
+        while read_sync(scan.step()).unwrap().is_some() {}
+        scan.report(20)
+    }
+
+    fn flagged(report: &ScanReport) -> Vec<String> {
+        report.candidates.iter().filter(|c| c.verification.as_ref().is_some_and(|v| v.flagged)).map(|c| c.text.clone()).collect()
+    }
+
+    /// tiny-pixel fires its patch for U+200B and, as measured with `seal eval`, for several other
+    /// single-token prefixes too; the scan against tiny-clean must flag U+200B, and tiny-clean
+    /// scanned alone must flag nothing.
+    #[test]
+    fn finds_the_pixel_trigger_and_raises_no_alarm_on_the_clean_model() {
+        let (pixel, clean) = (load("tiny-pixel"), load("tiny-clean"));
+        let report = run(&pixel, Some(&clean));
+        let found = flagged(&report);
+        eprintln!("flagged against the base: {found:?}");
+        assert!(found.iter().any(|t| t == "\u{200b}"), "{found:?}");
+        let first = &report.candidates[0];
+        assert!(first.verification.as_ref().unwrap().flagged && first.images.is_some());
+        assert_eq!(first.kind, "suspect");
+        let report = run(&clean, None);
+        assert!(
+            flagged(&report).is_empty(),
+            "false alarm on tiny-clean: {:?}",
+            report.candidates.iter().map(|c| (&c.text, c.verification.as_ref().map(|v| v.ratio))).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn settings_and_tags() {
+        let clean = load("tiny-clean");
+        let prompts: Vec<String> = vec!["a red circle".into(), "a blue square".into()];
+        let coarse = ScanSettings { probes: 0, ..ScanSettings::default() };
+        assert!(Scan::new(&clean, None, &prompts, vec![], coarse).err().unwrap().contains("base model"));
+        assert!(Scan::new(&clean, None, &prompts[..1], vec![], ScanSettings::default()).err().unwrap().contains("probe prompts"));
+        let metadata = BTreeMap::from([("ss_tag_frequency".to_string(), r#"{"10_pics": {"MyChar": 12, " red coat": 3}}"#.to_string())]);
+        assert_eq!(lora_tags(&metadata), vec!["mychar", "red coat"]);
+        assert!(lora_tags(&BTreeMap::new()).is_empty());
+    }
 }
