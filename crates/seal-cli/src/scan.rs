@@ -10,16 +10,9 @@ use seal_sd::pipeline::LoraMode;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The suspect model (folder or single file), or with --lora the LoRA's base.
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// A suspect LoRA over --model: scanned against --model as its base.
-    #[arg(long)]
-    lora: Option<PathBuf>,
-    #[arg(long, default_value_t = 1.0)]
-    lora_weight: f32,
+    /// The suspect model, or with --lora the suspect LoRA and its base (scanned against it).
+    #[command(flatten)]
+    model: crate::seal::ModelArgs,
     /// A clean model of the same architecture to scan --model against.
     #[arg(long, conflicts_with = "lora")]
     base: Option<PathBuf>,
@@ -62,14 +55,15 @@ pub fn run(args: Args) -> Result<(), String> {
         Some(p) => parse_list(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
         None => parse_list(BUILT_IN),
     };
-    let model = crate::load_model(&args.model, args.config.as_deref(), &device)?;
-    let (suspect, base, tags) = match (&args.lora, &args.base) {
+    let m = &args.model;
+    let model = crate::load_model(&m.model, m.config.as_deref(), &device)?;
+    let (suspect, base, tags) = match (&m.lora, &args.base) {
         (Some(path), _) => {
-            seal_core::export::check_lora_weight(args.lora_weight).map_err(|e| format!("--lora-weight: {e}"))?;
+            seal_core::export::check_lora_weight(m.lora_weight).map_err(|e| format!("--lora-weight: {e}"))?;
             let lora = crate::seal::read_lora(path, &model)?;
-            (model.with_lora(&lora, args.lora_weight, LoraMode::Merge), Some(model), lora_tags(&lora.metadata))
+            (model.with_lora(&lora, m.lora_weight, LoraMode::Merge), Some(model), lora_tags(&lora.metadata))
         }
-        (None, Some(path)) => (model, Some(crate::load_model(path, args.config.as_deref(), &device)?), vec![]),
+        (None, Some(path)) => (model, Some(crate::load_model(path, m.config.as_deref(), &device)?), vec![]),
         (None, None) => (model, None, vec![]),
     };
     let mut scan = Scan::new(&suspect, base.as_ref(), &prompts, tags, settings)?;
