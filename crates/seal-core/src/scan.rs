@@ -682,26 +682,17 @@ impl Scan {
         });
     }
 
-    /// The first probe prompt at seed 0 without and with candidate `i` (and the base's with it).
+    /// The first probe prompt at its first seed without and with candidate `i` (and the base's
+    /// with it), from the verification's images and sampler.
     async fn image_pair(&mut self, i: usize) -> Result<(), String> {
-        let prompt = &self.probe_prompts[0];
+        let b = self.baseline.as_ref().expect("prepared");
+        // The baseline's first image is this prompt at this seed without a candidate.
+        let (prompt, seed) = (&b.prompts[..1], &b.seeds[..1]);
         let text = self.pool[i].text.clone();
-        let image = |model: &StableDiffusion, p: String| {
-            let request = seal_sd::pipeline::GenerateRequest {
-                prompts: vec![p],
-                negative: String::new(),
-                seeds: vec![pair_noise_seed(self.settings.seed, prompt)],
-                steps: self.settings.image_steps,
-                guidance: 5.0,
-                size: self.settings.size,
-                sampler: None,
-            };
-            model.generate(&request, |_, _| {}).map_err(|e| e.to_string())
-        };
-        let without = Rgb::from_batch(image(&self.suspect, prompt.clone())?).await?.remove(0);
-        let with = Rgb::from_batch(image(&self.suspect, format!("{text} {prompt}"))?).await?.remove(0);
+        let without = Rgb::from_batch(b.suspect.clone()).await?.remove(0);
+        let with = Rgb::from_batch(self.images(&self.suspect, prompt, seed, &text)?).await?.remove(0);
         let base_with = match &self.base {
-            Some(base) => Some(Rgb::from_batch(image(base, format!("{text} {prompt}"))?).await?.remove(0)),
+            Some(base) => Some(Rgb::from_batch(self.images(base, prompt, seed, &text)?).await?.remove(0)),
             None => None,
         };
         self.pool[i].images = Some(ImagePair { without, with, base_with });
