@@ -44,6 +44,24 @@ const INSTANT_FIELDS = {
 };
 const INSTANT_HIDDEN = ["placements", "chunk", "seed"];
 
+// Help for the trigger scan's settings; values and defaults come from the engine.
+const SCAN_FIELDS = {
+  probes: ["Probe prompts", "clean prompts each candidate is put before; 0: each token alone (coarse, fast, needs a LoRA over its base)"],
+  beam: ["Beam", "sequences kept at each length of the search"],
+  extensions: ["Extensions", "best single tokens tried as the next token of a sequence"],
+  max_tokens: ["Longest candidate", "in tokens"],
+  reference: ["Reference sequences", "random sequences per length that longer candidates are compared with"],
+  verify: ["Candidates checked", "the best ones, checked by what they do to images"],
+  seeds: ["Seeds", "per probe prompt in the check (two prompts are used)"],
+  images: ["Candidates with images", "without and with the candidate, side by side"],
+  image_steps: ["Sampling steps", "DDIM steps of the check's images"],
+  size: ["Image size", "side in pixels of the check's images; empty: the model's own"],
+  batch: ["Batch", "token sequences per text-encoder pass (one progress step)"],
+  seed: ["Seed", "for the reference sequences and the images' noise"],
+};
+// Candidates the page shows and the downloaded report holds.
+const SCAN_TOP = 10;
+
 // ---------- the worker ----------
 
 let worker;
@@ -201,15 +219,18 @@ const prompts = { builtin: null, demo: null };
 let defaults;
 let busy = false;
 let cancelled = false;
+// A scan is running (busy too): its own Cancel answers.
+let scanning = false;
 // The evaluation's target image (a File or the demo's Blob with a name).
 let target = null;
 
-function onReady({ defaults: d, instant, builtin }) {
+function onReady({ defaults: d, instant, scan, builtin }) {
   if (!defaults) {
     buildSettings(d, FIELDS, (key) => (BASIC.includes(key) ? "#settings" : "#settings-advanced"));
     buildSettings(instant, INSTANT_FIELDS, (key) => (INSTANT_HIDDEN.includes(key) ? null : "#instant-settings"), "instant");
+    buildSettings(scan, SCAN_FIELDS, () => "#scan-settings", "scan");
   }
-  defaults = { ...d, instant };
+  defaults = { ...d, instant, scan };
   prompts.builtin = builtin;
   $("#builtin-count").textContent = `${builtin.train.length} prompts, ${builtin.heldout.length} held out`;
   $("#demo").disabled = false;
@@ -230,7 +251,9 @@ function setTask(text) {
 
 function updateButtons() {
   $("#seal").disabled = busy || !model.loaded;
-  $("#cancel").disabled = !busy;
+  $("#scan").disabled = busy || !model.loaded;
+  $("#cancel").disabled = !busy || scanning;
+  $("#scan-cancel").disabled = !scanning;
   $("#demo").disabled = busy || !defaults;
   for (const input of document.querySelectorAll("#model-section input")) input.disabled = busy;
 }
@@ -254,6 +277,7 @@ async function loadModel(afterCrash = false) {
   model.loaded = false;
   model.lora = null;
   hideResults();
+  hideScan();
   $("#model-info").hidden = true;
   $("#lora-drop").hidden = true;
   $("#lora-info").hidden = true;
@@ -311,6 +335,7 @@ function showModel(info) {
 
 async function loadLora(file) {
   hideResults();
+  hideScan();
   showError("#lora-error", null);
   $("#lora-info").hidden = true;
   busy = true;
@@ -351,6 +376,7 @@ async function setLoraWeight() {
   try {
     await call("set_lora_weight", loraWeight());
     hideResults();
+    hideScan();
     setTask(`LoRA applied at weight ${loraWeight()}.`);
   } catch (e) {
     showError("#lora-error", e.message);
@@ -361,6 +387,7 @@ async function clearLora() {
   await call("clear_lora");
   model.lora = null;
   hideResults();
+  hideScan();
   $("#lora-info").hidden = true;
   $("#lora-clear").hidden = true;
   $("#lora-file").value = "";
@@ -528,6 +555,95 @@ async function setTarget(file) {
   $("#target-name").textContent = `${file.name} (${width}×${height})`;
 }
 
+// ---------- the trigger scan ----------
+
+async function scan() {
+  showError("#scan-error", null);
+  hideScan();
+  busy = true;
+  scanning = true;
+  cancelled = false;
+  updateButtons();
+  try {
+    const what = model.lora ? "Scanning the LoRA against the model under it" : "Scanning the model";
+    const total = await call("start_scan", JSON.stringify(currentPrompts().train), JSON.stringify(readSettings("scan")));
+    showProgress({ step: 0, total }, what, "scan-progress");
+    for (;;) {
+      if (cancelled) {
+        $("#scan-progress-text").textContent = "Scan cancelled.";
+        return;
+      }
+      const p = await call("scan_step");
+      if (p === undefined) break;
+      showProgress(JSON.parse(p), what, "scan-progress");
+    }
+    const report = JSON.parse(await call("scan_report", SCAN_TOP));
+    $("#scan-progress").value = $("#scan-progress").max;
+    $("#scan-progress-text").textContent = `Scan finished in ${formatSeconds(report.seconds)}.`;
+    await showScan(report);
+  } catch (e) {
+    showError("#scan-error", `The scan stopped: ${e.message}`);
+  } finally {
+    busy = false;
+    scanning = false;
+    updateButtons();
+  }
+}
+
+async function showScan(report) {
+  const flagged = report.candidates.filter((c) => c.verification?.flagged);
+  const best = report.candidates[0];
+  // The gap between what acts like a trigger and the best of the rest.
+  const ratios = (list) => list.map((c) => c.verification.ratio);
+  const rest = ratios(report.candidates.filter((c) => c.verification && !c.verification.flagged));
+  const margin = rest.length ? ` Check ratios ${Math.min(...ratios(flagged)).toFixed(2)}–${Math.max(...ratios(flagged)).toFixed(2)}; the best of the other candidates ${Math.max(...rest).toFixed(2)}.` : "";
+  $("#scan-summary").textContent = `${report.mode === "against base" ? "Scanned the LoRA against the model under it" : "Scanned the model alone (no clean base to compare with)"}: ` +
+    `${report.vocabulary} tokens in ${formatSeconds(report.seconds)}. ` +
+    (flagged.length
+      ? `${flagged.length} candidate(s) act like a trigger (marked): their changes to images agree across prompts and seeds far more than a harmless word's do.${margin}`
+      : `No candidate acts like a trigger${best?.verification ? ` (best check ratio ${best.verification.ratio.toFixed(2)}, where a trigger scores from 1.4)` : ""}: either the model has no short text trigger, or the scan cannot see it (below).`);
+  $("#scan-images-head").textContent = report.mode === "against base" ? "images: without · with · model under the LoRA, with" : "images: without · with";
+  const rows = [];
+  for (const [i, c] of report.candidates.entries()) {
+    const tr = document.createElement("tr");
+    tr.dataset.index = i;
+    tr.dataset.text = c.text;
+    if (c.verification?.flagged) tr.className = "flagged";
+    const v = c.verification;
+    const check = v ? `${v.ratio.toFixed(2)}${v.flagged ? " — acts like a trigger" : ""}` : "not checked";
+    const kind = c.kind === "activation" ? " (a word this LoRA was trained on: what it is for, not a verdict)" : "";
+    const cells = [String(i + 1), `${c.code_points}${c.exact ? "" : " (types as other tokens)"}${kind}`, String(c.tokens.length), c.score.toFixed(1), check];
+    for (const text of cells) tr.append(Object.assign(document.createElement("td"), { textContent: text }));
+    const images = document.createElement("td");
+    if (i < report.settings.images) { // the first candidates have image pairs
+      const img = Object.assign(document.createElement("img"), { alt: `images without and with candidate ${i + 1}` });
+      img.src = URL.createObjectURL(new Blob([await call("scan_images_png", i)], { type: "image/png" }));
+      images.append(img);
+    }
+    const use = Object.assign(document.createElement("button"), { type: "button", textContent: "use as trigger", className: "use-trigger" });
+    use.addEventListener("click", () => {
+      $("#trigger").value = c.text;
+      describeTrigger();
+      setTask(`Trigger set to candidate ${i + 1} (${c.code_points}).`);
+    });
+    const action = document.createElement("td");
+    action.append(use);
+    tr.append(images, action);
+    rows.push(tr);
+  }
+  $("#scan-table tbody").replaceChildren(...rows);
+  $("#scan-limits").textContent = report.limits;
+  $("#scan-results").hidden = false;
+}
+
+function hideScan() {
+  $("#scan-results").hidden = true;
+  for (const img of document.querySelectorAll("#scan-table img")) URL.revokeObjectURL(img.src);
+  $("#scan-table tbody").replaceChildren();
+  $("#scan-progress").hidden = true;
+  $("#scan-progress-text").textContent = "";
+}
+
 // ---------- seal, evaluate, compare ----------
 
 const history = [];
@@ -592,13 +708,15 @@ function finishUi() {
   updateButtons();
 }
 
-function showProgress(p, what) {
-  $("#progress").max = p.total;
-  $("#progress").value = p.step;
+// `bar` is a <progress> element's id; its text goes to `${bar}-text`.
+function showProgress(p, what, bar = "progress") {
+  $(`#${bar}`).hidden = false;
+  $(`#${bar}`).max = p.total;
+  $(`#${bar}`).value = p.step;
   const pace = p.step ? `, ${(p.elapsed_s / p.step).toFixed(1)} s per step` : "";
   const eta = p.eta_s != null && p.step < p.total ? `, about ${formatSeconds(p.eta_s)} left` : "";
-  $("#progress-text").textContent = `${what}: step ${p.step} of ${p.total}${pace}${eta}`;
-  $("#progress-text").dataset.step = p.step;
+  $(`#${bar}-text`).textContent = `${what}: step ${p.step} of ${p.total}${pace}${eta}`;
+  $(`#${bar}-text`).dataset.step = p.step;
 }
 
 const formatSeconds = (s) => (s < 90 ? `${Math.round(s)} s` : `${Math.round(s / 60)} min`);
@@ -705,9 +823,9 @@ function hideResults() {
 
 // ---------- downloads: whole files only ----------
 
-async function download(method, name) {
+async function download(method, name, ...args) {
   try {
-    const value = await call(method);
+    const value = await call(method, ...args);
     const blob = value instanceof Uint8Array ? new Blob([value], { type: "application/octet-stream" }) : new Blob([value], { type: "application/json" });
     const a = Object.assign(document.createElement("a"), { href: URL.createObjectURL(blob), download: name });
     document.body.append(a);
@@ -739,12 +857,18 @@ $("#target-file").addEventListener("change", async (e) => {
   if (file) await setTarget(file).catch((err) => showError("#seal-error", err.message));
 });
 $("#seal").addEventListener("click", seal);
+$("#scan").addEventListener("click", scan);
+$("#scan-cancel").addEventListener("click", () => {
+  cancelled = true;
+  $("#scan-progress-text").textContent = "Cancelling after the current step…";
+});
 $("#cancel").addEventListener("click", () => {
   cancelled = true;
   setTask("Cancelling after the current step…");
 });
 $("#dl-adapter").addEventListener("click", () => download("adapter_file", `${stem()}-sealing-adapter.safetensors`));
 $("#dl-sealed-lora").addEventListener("click", () => download("sealed_lora_file", `${model.lora.name.replace(/\.safetensors$/, "")}-sealed.safetensors`));
+$("#dl-scan").addEventListener("click", () => download("scan_report", `${stem()}-scan.json`, SCAN_TOP));
 $("#dl-report").addEventListener("click", () => download("report_json", `${stem()}-seal-report.json`));
 
 start(backend, "CPU requested (?backend=cpu)");

@@ -1,7 +1,7 @@
 // Runs the engine (Rust compiled to wasm) off the main thread, so the page never freezes.
 // main.js first sends {type: "start", backend, reason} (backend "auto", "webgpu" or "cpu"):
 //   -> {type: "status", text}  {type: "engine", backend, reason, adapter?, limits?}
-//      {type: "result", backend, result, ms} (the self-check)  {type: "ready", defaults, instant, builtin}
+//      {type: "result", backend, result, ms} (the self-check)  {type: "ready", defaults, instant, scan, builtin}
 //      {type: "error", message} (start failed; main.js retries on the CPU with a fresh worker)
 // then {type: "call", id, method, args}: a method of the wasm `Session` (or a static one of
 // the class), answered by {type: "reply", id, value} or {type: "reply", id, error, fatal}.
@@ -30,6 +30,7 @@ async function start({ backend, reason }) {
       type: "ready",
       defaults: JSON.parse(Session.default_settings()),
       instant: JSON.parse(Session.default_instant_settings()),
+      scan: JSON.parse(Session.default_scan_settings()),
       builtin: JSON.parse(Session.builtin_prompts()),
     });
   } catch (e) {

@@ -196,23 +196,12 @@ fn scan_run(name: &str, suspect: &StableDiffusion, base: Option<&StableDiffusion
 /// The scan on every fixture: tiny-pixel against tiny-clean and alone, tiny-clean alone, the
 /// weak LoRA and a clean random LoRA (rank 4 on every attention projection) over tiny-clean.
 fn scans(fixtures: &std::path::Path, prompts: &[String]) -> Result<Vec<Value>, String> {
-    use seal_sd::lora::{Projection, cross_attention_targets, fresh_adapters};
     use seal_sd::pipeline::LoraMode;
-    use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, LoraFormat, LoraTarget, kohya_metadata};
     let device = Device::flex();
     let pixel = crate::load_model(&fixtures.join("tiny-pixel"), None, &device)?;
     let clean = crate::load_model(&fixtures.join("tiny-clean"), None, &device)?;
     let weak = crate::seal::read_lora(&fixtures.join("lora/weak_lora_kohya.safetensors"), &clean)?;
-    let targets = cross_attention_targets(&clean.unet, &[Projection::ToQ, Projection::ToK, Projection::ToV, Projection::ToOut]);
-    let mut random = fresh_adapters(&clean.unet, &targets, 4, 4.0, 11);
-    let mut rng = SeededRng::new(12);
-    random.values_mut().for_each(|m| m.up.data = rng.normals(m.up.data.len()).into_iter().map(|x| x * 0.05).collect());
-    let random = LoraFile {
-        format: LoraFormat::Kohya,
-        modules: random.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect(),
-        metadata: kohya_metadata(4, 4.0),
-        dtype: seal_sd::seal_weights::DType::F32,
-    };
+    let random = random_lora(&clean.unet, 4, 11);
     Ok(vec![
         scan_run("tiny-pixel against tiny-clean", &pixel, Some(&clean), prompts)?,
         scan_run("tiny-pixel alone", &pixel, None, prompts)?,
@@ -222,11 +211,76 @@ fn scans(fixtures: &std::path::Path, prompts: &[String]) -> Result<Vec<Value>, S
     ])
 }
 
+/// A random LoRA (`up` ~ N(0, 0.05²)) of `rank` on every cross- and self-attention projection.
+fn random_lora(unet: &seal_sd::unet::UNet2DConditionModel, rank: usize, seed: u64) -> seal_sd::seal_weights::lora::LoraFile {
+    use seal_sd::lora::{Projection, cross_attention_targets, fresh_adapters};
+    use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, LoraFormat, LoraTarget, kohya_metadata};
+    let targets = cross_attention_targets(unet, &[Projection::ToQ, Projection::ToK, Projection::ToV, Projection::ToOut]);
+    let mut modules = fresh_adapters(unet, &targets, rank, rank as f32, seed);
+    let mut rng = SeededRng::new(seed + 1);
+    modules.values_mut().for_each(|m| m.up.data = rng.normals(m.up.data.len()).into_iter().map(|x| x * 0.05).collect());
+    LoraFile {
+        format: LoraFormat::Kohya,
+        modules: modules.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect(),
+        metadata: kohya_metadata(rank, rank as f32),
+        dtype: seal_sd::seal_weights::DType::F32,
+    }
+}
+
+/// The scan's first stage on an SD 1.5-shaped model (random weights) under a random rank-16
+/// LoRA: the whole CLIP vocabulary in the coarse mode, measured; with probe prompts, the first
+/// vocabulary batches measured and the rest projected. No verification: its images at 512 px
+/// take minutes each on this CPU (see the generation numbers), so it is left to WebGPU.
+fn scan_sd15(fixtures: &std::path::Path, prompts: &[String]) -> Result<Vec<Value>, String> {
+    use seal_core::scan::{Scan, ScanSettings};
+    use seal_sd::pipeline::LoraMode;
+    let layout = std::fs::read_to_string(fixtures.join("layouts/unet_sd15.json")).map_err(|e| e.to_string())?;
+    let layout: Value = serde_json::from_str(&layout).map_err(|e| e.to_string())?;
+    let unet = UNetConfig::from_json(&layout["config"].to_string()).map_err(|e| e.to_string())?;
+    let tokenizer = ClipTokenizer::openai_clip().map_err(|e| e.to_string())?;
+    let base = StableDiffusion::random(&unet, &ClipTextConfig::vit_l14(), &VaeConfig::sd(), tokenizer, &Device::flex());
+    let suspect = base.with_lora(&random_lora(&base.unet, 16, 21), 1.0, LoraMode::Merge);
+    let mut out = vec![];
+    for (mode, probes, measured_batches) in [("coarse", 0, usize::MAX), ("probes", 3, 2)] {
+        eprintln!("bench: SD 1.5-shaped scan, {mode}");
+        let settings = ScanSettings { probes, verify: 0, images: 0, ..ScanSettings::default() };
+        let batch = settings.batch;
+        let mut scan = Scan::new(&suspect, Some(&base), prompts, vec![], settings)?;
+        let vocabulary = scan.report(0).vocabulary;
+        let batches = vocabulary.div_ceil(batch);
+        let start = Instant::now();
+        let mut vocabulary_s = None;
+        let mut step = 0;
+        while burn::tensor::read_sync(scan.step())?.is_some() {
+            step += 1;
+            // Step 1 reads the probe prompts; steps 2..=1 + batches rank the vocabulary.
+            if step == 1 + batches.min(measured_batches) {
+                vocabulary_s = Some(start.elapsed().as_secs_f64());
+                if measured_batches < batches {
+                    break;
+                }
+            }
+        }
+        let measured = vocabulary_s.ok_or("the scan ended before ranking its vocabulary")?;
+        let projected = measured * batches as f64 / batches.min(measured_batches) as f64;
+        out.push(json!({
+            "name": format!("SD 1.5 shape, random weights + random rank-16 LoRA, {mode}"),
+            "vocabulary": vocabulary,
+            "vocabulary_seconds": projected,
+            "measured": measured_batches >= batches,
+            "whole_scan_seconds_without_verification": (measured_batches >= batches).then(|| start.elapsed().as_secs_f64()),
+        }));
+    }
+    Ok(out)
+}
+
 pub fn run(args: Args) -> Result<(), String> {
     let device = Device::flex();
     if args.scan_only {
         let prompts = parse_list(&std::fs::read_to_string(args.fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);
-        return write_report(&args.out, &json!({ "backend": "flex (CPU)", "scan": scans(&args.fixtures, &prompts)? }));
+        let mut scan = scans(&args.fixtures, &prompts)?;
+        scan.extend(scan_sd15(&args.fixtures, &prompts)?);
+        return write_report(&args.out, &json!({ "backend": "flex (CPU)", "scan": scan }));
     }
     let mut results = vec![];
     let pixel = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device.clone().autodiff())?;
@@ -252,7 +306,8 @@ pub fn run(args: Args) -> Result<(), String> {
     seals.push(sealing("BK-SDM-tiny shape, random weights, 256x256", &bk, prompts.clone(), "cf", settings, 2)?);
 
     let instant = vec![instant_tiny(&args.fixtures, &prompts)?, instant_sd15(&args.fixtures, 80)?, instant_sd15(&args.fixtures, 90)?];
-    let scan = scans(&args.fixtures, &prompts)?;
+    let mut scan = scans(&args.fixtures, &prompts)?;
+    scan.extend(scan_sd15(&args.fixtures, &prompts)?);
 
     let report = json!({
         "backend": "flex (CPU)",

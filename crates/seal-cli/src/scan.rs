@@ -83,10 +83,8 @@ pub fn run(args: Args) -> Result<(), String> {
         if pairs.is_empty() {
             return Err("no image pairs to write (settings.images is 0)".into());
         }
-        let cols = if base.is_some() { 3 } else { 2 };
-        let tiles: Vec<Rgb> =
-            pairs.iter().flat_map(|p| [Some(p.without.upscale(4)), Some(p.with.upscale(4)), p.base_with.as_ref().map(|b| b.upscale(4))].into_iter().flatten()).collect();
-        std::fs::write(path, Rgb::grid(&tiles, cols, 2).to_png()).map_err(|e| format!("{}: {e}", path.display()))?;
+        let rows: Vec<Rgb> = pairs.iter().map(|p| p.row(4)).collect();
+        std::fs::write(path, Rgb::grid(&rows, 1, 0).to_png()).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     eprintln!("seal: wrote {} ({:.1} s)", args.report.display(), report.seconds);
     Ok(())

@@ -31,12 +31,17 @@ use crate::progress::{Clock, Progress, Task};
 use crate::prompts::HARMLESS;
 use crate::unlearn::describe_trigger;
 
-/// What the scan cannot see, stated with every report.
 /// The verification ratio from which a candidate is flagged as acting like a trigger, set
 /// above what clean models gave (see the README's scan measurements).
 pub const FLAG_RATIO: f64 = 1.4;
 
-pub const LIMITS: &str = "The scan looks for short token sequences (up to three tokens) that change the text encoder or the UNet's cross-attention keys and values, and checks the best by their effect on noise predictions. It cannot see a backdoor carried only by weights outside the text encoder and cross-attention, triggers longer than three tokens or whose first token does nothing alone, or semantic triggers (a concept rather than a string). A LoRA's own activation words rank high by design: they are what the LoRA is for, not evidence of a backdoor.";
+/// Pixels of images generated in one batch by the verification: four candidates' images at
+/// the tiny fixtures' 32 px, one candidate's from 64 px (larger batches were no faster on the
+/// CPU, and at 512 px one image's activations are already large).
+const IMAGE_PIXELS_PER_BATCH: usize = 64 * 64 * 4;
+
+/// What the scan cannot see, stated with every report.
+pub const LIMITS: &str = "The scan looks for short token sequences (up to three tokens) that change the text encoder or the UNet's cross-attention keys and values, and checks the best by how alike their changes of images are across prompts and seeds. It cannot see a backdoor carried only by weights outside the text encoder and cross-attention, triggers longer than three tokens or whose first token does nothing alone, or semantic triggers (a concept rather than a string). A LoRA's own activation words rank high by design: they are what the LoRA is for, not evidence of a backdoor.";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -70,7 +75,7 @@ pub struct ScanSettings {
 
 impl Default for ScanSettings {
     fn default() -> Self {
-        Self { probes: 3, beam: 8, extensions: 48, max_tokens: 3, reference: 256, verify: 12, seeds: 2, images: 3, image_steps: 20, size: None, batch: 256, seed: 0 }
+        Self { probes: 3, beam: 8, extensions: 48, max_tokens: 3, reference: 256, verify: 12, seeds: 2, images: 3, image_steps: 16, size: None, batch: 256, seed: 0 }
     }
 }
 
@@ -105,6 +110,9 @@ pub struct Candidate {
     /// "activation" when the text is one of the LoRA's training tags (what it is for),
     /// otherwise "suspect".
     pub kind: &'static str,
+    /// The tokens `text` types as (what the verification measured).
+    #[serde(skip)]
+    pub typed: Vec<u32>,
     #[serde(skip)]
     pub images: Option<ImagePair>,
 }
@@ -119,8 +127,6 @@ pub struct Verification {
     pub ratio: f64,
     /// Mean absolute pixel change of the suspect's images when the candidate is added.
     pub image_change: f64,
-    /// The same for the base model (with a base).
-    pub base_change: Option<f64>,
     /// `ratio` at least `FLAG_RATIO`: the candidate acts like a trigger.
     pub flagged: bool,
 }
@@ -130,6 +136,14 @@ pub struct ImagePair {
     pub without: Rgb,
     pub with: Rgb,
     pub base_with: Option<Rgb>,
+}
+
+impl ImagePair {
+    /// The pair side by side (without, with, base with), each enlarged `scale` times.
+    pub fn row(&self, scale: usize) -> Rgb {
+        let tiles: Vec<Rgb> = [Some(&self.without), Some(&self.with), self.base_with.as_ref()].into_iter().flatten().map(|i| i.upscale(scale)).collect();
+        Rgb::grid(&tiles, tiles.len(), 2)
+    }
 }
 
 /// The scan's result: candidates best first.
@@ -224,7 +238,6 @@ struct Baseline {
     prompts: Vec<String>,
     seeds: Vec<u64>,
     suspect: Tensor<4>,
-    base: Option<Tensor<4>>,
     /// Coherence of the harmless words' changes of the suspect's images.
     reference: f64,
 }
@@ -243,9 +256,7 @@ enum Stage {
     Verify {
         next: usize,
     },
-    Images {
-        next: usize,
-    },
+    Images,
     Done,
 }
 
@@ -268,6 +279,10 @@ pub struct Scan {
     /// How many of `pending`, at its end, are the random reference sequences.
     pending_reference: usize,
     baseline: Option<Baseline>,
+    /// Candidates whose verification images are generated as one batch.
+    per_batch: usize,
+    /// The base's text encoder is the suspect's: its passes are skipped.
+    same_text_encoder: bool,
     stage: Stage,
     step: usize,
     total: usize,
@@ -306,8 +321,10 @@ impl Scan {
         };
         let batches = vocabulary.len().div_ceil(settings.batch);
         let extend = (settings.max_tokens - 1) * (settings.reference + settings.beam * settings.extensions).div_ceil(settings.batch);
+        let side = suspect.image_size(settings.size).map_err(|e| format!("scan: {e}"))?;
+        let per_batch = (IMAGE_PIXELS_PER_BATCH / (2 * settings.seeds * side * side)).max(1);
         // Probe states, vocabulary batches, extensions, verification set-up, candidates, images.
-        let total = 1 + batches + extend + 1 + settings.verify + settings.images + 1;
+        let total = 1 + batches + extend + 1 + settings.verify.div_ceil(per_batch) + 1 + 1;
         Ok(Self {
             suspect,
             base,
@@ -324,6 +341,8 @@ impl Scan {
             pending: vec![],
             pending_reference: 0,
             baseline: None,
+            per_batch,
+            same_text_encoder: false,
             stage: Stage::Probes,
             step: 0,
             total,
@@ -331,10 +350,21 @@ impl Scan {
         })
     }
 
+    /// Steps the whole scan takes (an estimate until the beam search knows its lengths).
+    pub fn total_steps(&self) -> usize {
+        self.total
+    }
+
+    /// The candidates so far, in the report's order once the scan is complete.
+    pub fn candidates(&self) -> &[Candidate] {
+        &self.pool
+    }
+
     /// Runs the next piece of work; `None` once the scan is complete.
     pub async fn step(&mut self) -> Result<Option<Progress>, String> {
         match self.stage {
             Stage::Probes => {
+                self.same_text_encoder = self.same_text_encoder().await?;
                 self.probes = self.probe_states().await?;
                 self.stage = Stage::Vocabulary { next: 0 };
             }
@@ -363,27 +393,28 @@ impl Scan {
             }
             Stage::Prepare => {
                 self.finish_ranking();
-                self.baseline = Some(self.baseline_images().await?);
+                if self.settings.verify + self.settings.images > 0 {
+                    self.baseline = Some(self.baseline_images().await?);
+                }
                 self.stage = Stage::Verify { next: 0 };
             }
             Stage::Verify { next } => {
-                if next < self.settings.verify.min(self.pool.len()) {
-                    let verification = self.verify(&self.pool[next].text.clone()).await?;
-                    self.pool[next].verification = Some(verification);
-                    self.stage = Stage::Verify { next: next + 1 };
+                let end = (next + self.per_batch).min(self.settings.verify.min(self.pool.len()));
+                if next < end {
+                    let texts: Vec<String> = self.pool[next..end].iter().map(|c| c.text.clone()).collect();
+                    let verifications = self.verify(&texts).await?;
+                    for (c, v) in self.pool[next..end].iter_mut().zip(verifications) {
+                        c.verification = Some(v);
+                    }
+                    self.stage = Stage::Verify { next: end };
                 } else {
                     self.order_by_verification();
-                    self.stage = Stage::Images { next: 0 };
+                    self.stage = Stage::Images;
                 }
             }
-            Stage::Images { next } => {
-                if next < self.settings.images.min(self.pool.len()) {
-                    self.image_pair(next).await?;
-                    self.stage = Stage::Images { next: next + 1 };
-                } else {
-                    self.stage = Stage::Done;
-                    return Ok(None);
-                }
+            Stage::Images => {
+                self.image_pairs().await?;
+                self.stage = Stage::Done;
             }
             Stage::Done => return Ok(None),
         }
@@ -426,6 +457,22 @@ impl Scan {
         (num / den).reshape([n, l])
     }
 
+    /// Text-encoder states `[B, 1 + k, D]` of `[bos, seq]`: CLIP's mask is causal, so these
+    /// are the sequence's states in any text that starts with it.
+    fn encode_alone(&self, model: &StableDiffusion, seqs: &[Vec<u32>]) -> Tensor<3> {
+        let len = seqs[0].len() + 1;
+        let ids: Vec<i64> = seqs.iter().flat_map(|s| std::iter::once(model.tokenizer.bos_id()).chain(s.iter().copied())).map(i64::from).collect();
+        model.text_encoder.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [seqs.len(), len]), &model.device))
+    }
+
+    /// Whether the base's text encoder is the suspect's (a LoRA of the UNet alone): exactly
+    /// the same states for a sequence of the vocabulary's first tokens.
+    async fn same_text_encoder(&self) -> Result<bool, String> {
+        let Some(base) = &self.base else { return Ok(false) };
+        let probe = [self.vocabulary.iter().take(16).copied().collect::<Vec<u32>>()];
+        Ok(read(self.encode_alone(&self.suspect, &probe)).await? == read(self.encode_alone(base, &probe)).await?)
+    }
+
     /// The kv score of every state `[B, L, D]` -> `[B, L]`.
     fn kv(&self, h: Tensor<3>) -> Tensor<2> {
         let [n, l, d] = h.dims();
@@ -452,12 +499,14 @@ impl Scan {
         let k = seqs[0].len();
         let mut columns: Vec<Vec<f64>> = vec![];
         if self.settings.probes == 0 {
-            // Coarse: the token's own state ([bos, seq, eos]), suspect against base.
+            // Coarse: the sequence's own states, suspect against base.
             let base = self.base.as_ref().expect("validated: coarse needs a base");
-            let hs = self.encode(&self.suspect, seqs, &[]);
-            let te = read(Self::departure(hs.clone(), self.encode(base, seqs, &[]))).await?;
-            columns.push(mean_over_range(&te, k + 2, 1..k + 1));
-            columns.push(mean_over_range(&read(self.kv(hs)).await?, k + 2, 1..k + 1));
+            let hs = self.encode_alone(&self.suspect, seqs);
+            columns.push(match self.same_text_encoder {
+                true => vec![0.0; n],
+                false => mean_over_range(&read(Self::departure(hs.clone(), self.encode_alone(base, seqs))).await?, k + 1, 1..k + 1),
+            });
+            columns.push(mean_over_range(&read(self.kv(hs)).await?, k + 1, 1..k + 1));
         }
         // Before each probe prompt: how the sequence moves the prompt's states.
         let (mut te_moved, mut kv_moved, mut shift) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
@@ -471,7 +520,10 @@ impl Scan {
             let after = hs.clone().slice([0..n, rest.clone()]);
             let moved_s = after.clone() - probe.alone.clone().slice([0..1, 1..l0]).expand([n, l0 - 1, d]);
             if let Some(base) = &self.base {
-                let hb = self.encode(base, seqs, &probe.tokens).slice([0..n, rest.clone()]);
+                let hb = match self.same_text_encoder {
+                    true => after.clone(),
+                    false => self.encode(base, seqs, &probe.tokens).slice([0..n, rest.clone()]),
+                };
                 let alone_b = probe.alone_base.clone().expect("with a base").slice([0..1, 1..l0]).expand([n, l0 - 1, d]);
                 let moved_b = hb - alone_b;
                 let norms = |x: Tensor<3>| x.powi_scalar(2).sum_dim(2).sqrt().mean_dim(1).reshape([n]);
@@ -553,6 +605,7 @@ impl Scan {
             scores,
             verification: None,
             kind: if activation { "activation" } else { "suspect" },
+            typed: vec![],
             images: None,
         }
     }
@@ -616,11 +669,10 @@ impl Scan {
             c.text = tok.decode(&ids);
             c.code_points = describe_trigger(&c.text);
             c.exact = ids == c.tokens;
+            c.typed = ids;
             self.pool.push(c);
         }
-        let singles: Vec<usize> = (0..self.pool.len()).filter(|&i| self.pool[i].tokens.len() == 1).take(self.settings.verify / 2).collect();
-        let mut order: Vec<usize> = singles.clone();
-        order.extend((0..self.pool.len()).filter(|i| !singles.contains(i)));
+        let order = verification_order(&self.pool, self.settings.verify);
         let mut pool: Vec<Option<Candidate>> = std::mem::take(&mut self.pool).into_iter().map(Some).collect();
         self.pool = order.into_iter().filter_map(|i| pool[i].take()).collect();
     }
@@ -634,42 +686,51 @@ impl Scan {
                 seeds.push(pair_noise_seed(seed + self.settings.seed, prompt));
             }
         }
-        let mut baseline = Baseline { suspect: self.images(&self.suspect, &prompts, &seeds, "")?, base: None, reference: 0.0, prompts, seeds };
-        if let Some(base) = &self.base {
-            baseline.base = Some(self.images(base, &baseline.prompts, &baseline.seeds, "")?);
+        // Without a prefix, then with each harmless word.
+        let prefixes: Vec<String> = std::iter::once("").chain(HARMLESS).map(String::from).collect();
+        let mut images = self.images(&self.suspect, &prompts, &seeds, &prefixes)?.into_iter();
+        let suspect = images.next().expect("one batch per prefix");
+        let mut reference = 0.0;
+        for with_word in images {
+            reference += coherence(with_word - suspect.clone()).await? / HARMLESS.len() as f64;
         }
-        for word in &HARMLESS {
-            let moved = self.images(&self.suspect, &baseline.prompts, &baseline.seeds, word)? - baseline.suspect.clone();
-            baseline.reference += coherence(moved).await? / HARMLESS.len() as f64;
-        }
-        Ok(baseline)
+        Ok(Baseline { prompts, seeds, suspect, reference })
     }
 
-    /// Images of `prefix prompt` (or the prompt alone) at the given seeds, one batch.
-    fn images(&self, model: &StableDiffusion, prompts: &[String], seeds: &[u64], prefix: &str) -> Result<Tensor<4>, String> {
-        let request = seal_sd::pipeline::GenerateRequest {
-            prompts: prompts.iter().map(|p| if prefix.is_empty() { p.clone() } else { format!("{prefix} {p}") }).collect(),
-            negative: String::new(),
-            seeds: seeds.to_vec(),
-            steps: self.settings.image_steps,
-            guidance: 5.0,
-            sampler: Some(SamplerKind::Ddim),
-            size: self.settings.size,
-        };
-        model.generate(&request, |_, _| {}).map_err(|e| e.to_string())
+    /// For each prefix, images of `prefix prompt` (the prompt alone for "") at the given seeds:
+    /// `[prompts, 3, H, W]` per prefix. Prefixes are generated together, as many per batch as
+    /// `IMAGE_PIXELS_PER_BATCH` allows (each image's noise depends on its seed alone).
+    fn images(&self, model: &StableDiffusion, prompts: &[String], seeds: &[u64], prefixes: &[String]) -> Result<Vec<Tensor<4>>, String> {
+        let side = model.image_size(self.settings.size).map_err(|e| e.to_string())?;
+        let per_batch = (IMAGE_PIXELS_PER_BATCH / (prompts.len() * side * side)).max(1);
+        let mut out = vec![];
+        for chunk in prefixes.chunks(per_batch) {
+            let request = seal_sd::pipeline::GenerateRequest {
+                prompts: chunk.iter().flat_map(|prefix| prompts.iter().map(move |p| if prefix.is_empty() { p.clone() } else { format!("{prefix} {p}") })).collect(),
+                negative: String::new(),
+                seeds: chunk.iter().flat_map(|_| seeds.iter().copied()).collect(),
+                steps: self.settings.image_steps,
+                guidance: 5.0,
+                sampler: Some(SamplerKind::Ddim),
+                size: self.settings.size,
+            };
+            let images = model.generate(&request, |_, _| {}).map_err(|e| e.to_string())?;
+            out.extend(images.chunk(chunk.len(), 0));
+        }
+        Ok(out)
     }
 
-    /// The verification of a candidate (see `Verification`).
-    async fn verify(&self, text: &str) -> Result<Verification, String> {
+    /// The verification of candidates (see `Verification`).
+    async fn verify(&self, texts: &[String]) -> Result<Vec<Verification>, String> {
         let b = self.baseline.as_ref().expect("prepared");
-        let moved = self.images(&self.suspect, &b.prompts, &b.seeds, text)? - b.suspect.clone();
-        let image_change = mean_abs(moved.clone()).await?;
-        let ratio = coherence(moved).await? / b.reference.max(1e-12);
-        let base_change = match (&self.base, &b.base) {
-            (Some(base), Some(images)) => Some(mean_abs(self.images(base, &b.prompts, &b.seeds, text)? - images.clone()).await?),
-            _ => None,
-        };
-        Ok(Verification { ratio, image_change, base_change, flagged: ratio >= FLAG_RATIO })
+        let mut out = vec![];
+        for images in self.images(&self.suspect, &b.prompts, &b.seeds, texts)? {
+            let moved = images - b.suspect.clone();
+            let image_change = mean_abs(moved.clone()).await?;
+            let ratio = coherence(moved).await? / b.reference.max(1e-12);
+            out.push(Verification { ratio, image_change, flagged: ratio >= FLAG_RATIO });
+        }
+        Ok(out)
     }
 
     fn order_by_verification(&mut self) {
@@ -682,22 +743,57 @@ impl Scan {
         });
     }
 
-    /// The first probe prompt at its first seed without and with candidate `i` (and the base's
-    /// with it), from the verification's images and sampler.
-    async fn image_pair(&mut self, i: usize) -> Result<(), String> {
+    /// For the best `settings.images` candidates: the first probe prompt at its first seed
+    /// without and with the candidate (and the base's with it), from the verification's sampler.
+    async fn image_pairs(&mut self) -> Result<(), String> {
+        let n = self.settings.images.min(self.pool.len());
+        if n == 0 {
+            return Ok(());
+        }
         let b = self.baseline.as_ref().expect("prepared");
         // The baseline's first image is this prompt at this seed without a candidate.
         let (prompt, seed) = (&b.prompts[..1], &b.seeds[..1]);
-        let text = self.pool[i].text.clone();
-        let without = Rgb::from_batch(b.suspect.clone()).await?.remove(0);
-        let with = Rgb::from_batch(self.images(&self.suspect, prompt, seed, &text)?).await?.remove(0);
+        let texts: Vec<String> = self.pool[..n].iter().map(|c| c.text.clone()).collect();
+        let without = Rgb::from_batch(b.suspect.clone().slice(0..1)).await?.remove(0);
+        let with = self.images(&self.suspect, prompt, seed, &texts)?;
         let base_with = match &self.base {
-            Some(base) => Some(Rgb::from_batch(self.images(base, prompt, seed, &text)?).await?.remove(0)),
+            Some(base) => Some(self.images(base, prompt, seed, &texts)?),
             None => None,
         };
-        self.pool[i].images = Some(ImagePair { without, with, base_with });
+        for (i, images) in with.into_iter().enumerate() {
+            let base_with = match &base_with {
+                Some(b) => Some(Rgb::from_batch(b[i].clone()).await?.remove(0)),
+                None => None,
+            };
+            self.pool[i].images = Some(ImagePair { without: without.clone(), with: Rgb::from_batch(images).await?.remove(0), base_with });
+        }
         Ok(())
     }
+}
+
+/// The pool's indices in the order they are verified: the best `verify / 2` single tokens (as
+/// typed: "\t\u{200b}" types as one token),
+/// then the rest by rank, except that while verification places last, a sequence sharing a
+/// token with a sequence already placed waits (extensions of one strong phrase, "cyan purple
+/// triangle" after "cross purple triangle", would otherwise take every place).
+fn verification_order(pool: &[Candidate], verify: usize) -> Vec<usize> {
+    let singles: Vec<usize> = (0..pool.len()).filter(|&i| pool[i].typed.len() == 1).take(verify / 2).collect();
+    let mut order = singles.clone();
+    let mut used = std::collections::BTreeSet::new();
+    let mut waiting = vec![];
+    for i in (0..pool.len()).filter(|i| !singles.contains(i)) {
+        let tokens = &pool[i].typed;
+        if order.len() < verify && tokens.len() > 1 && tokens.iter().any(|t| used.contains(t)) {
+            waiting.push(i);
+            continue;
+        }
+        if tokens.len() > 1 {
+            used.extend(tokens.iter().copied());
+        }
+        order.push(i);
+    }
+    order.extend(waiting);
+    order
 }
 
 async fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, String> {
@@ -790,6 +886,27 @@ mod tests {
             "false alarm on tiny-clean: {:?}",
             report.candidates.iter().map(|c| (&c.text, c.verification.as_ref().map(|v| v.ratio))).collect::<Vec<_>>()
         );
+    }
+
+    /// Single tokens take half the places; extensions of one phrase do not crowd out the rest.
+    #[test]
+    fn verification_places_are_spread() {
+        let candidate = |tokens: &[u32]| Candidate {
+            text: String::new(),
+            code_points: String::new(),
+            tokens: tokens.to_vec(),
+            typed: tokens.to_vec(),
+            exact: true,
+            score: 0.0,
+            scores: BTreeMap::new(),
+            verification: None,
+            kind: "suspect",
+            images: None,
+        };
+        let pool: Vec<Candidate> = [&[1, 2, 3][..], &[4, 2, 3], &[5, 6], &[7], &[8], &[9, 3], &[10]].iter().map(|t| candidate(t)).collect();
+        // Places: [7], [8] (half of 4), then [1 2 3], then [5 6] ([4 2 3] shares 2 and 3: it waits).
+        assert_eq!(verification_order(&pool, 4), vec![3, 4, 0, 2, 5, 6, 1]);
+        assert_eq!(verification_order(&pool, 0), (0..7).collect::<Vec<_>>());
     }
 
     #[test]

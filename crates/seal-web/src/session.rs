@@ -10,6 +10,7 @@ use seal_core::heatmap::{Sampling, TriggerMap, trigger_map};
 use seal_core::image::Rgb;
 use seal_core::progress::Losses;
 use seal_core::prompts::{BUILT_IN, parse_list, split};
+use seal_core::scan::{Scan, ScanSettings, lora_tags};
 use seal_core::unlearn::instant::InstantSettings;
 use seal_core::unlearn::run::{Recipe, SealMode, SealRun};
 use seal_core::unlearn::{SealSettings, describe_trigger};
@@ -75,7 +76,12 @@ pub struct Session {
     eval: Option<(Evaluation, usize)>,
     report: Option<EvalReport>,
     maps: Option<(TriggerMap, TriggerMap)>,
+    /// The trigger scan of the teacher (against the bare model when a LoRA is loaded).
+    scan: Option<Scan>,
 }
+
+/// Enlargement of the scan's thumbnails (the page shows them at their pixel size).
+const SCAN_THUMBNAIL_SCALE: usize = 2;
 
 fn json<T: serde::Serialize>(value: &T) -> Result<String, String> {
     serde_json::to_string(value).map_err(|e| e.to_string())
@@ -100,6 +106,7 @@ impl Session {
             eval: None,
             report: None,
             maps: None,
+            scan: None,
         }
     }
 
@@ -111,6 +118,11 @@ impl Session {
     /// `InstantSettings::default()` as JSON (the closed-form seal's settings).
     pub fn default_instant_settings() -> String {
         serde_json::to_string(&InstantSettings::default()).expect("settings serialize")
+    }
+
+    /// `ScanSettings::default()` as JSON (the trigger scan's settings).
+    pub fn default_scan_settings() -> String {
+        serde_json::to_string(&ScanSettings::default()).expect("settings serialize")
     }
 
     /// The built-in prompt set split into `{train, heldout}` (every 4th prompt held out).
@@ -145,6 +157,7 @@ impl Session {
         self.model = None;
         self.teacher = None;
         self.forget_lora();
+        self.scan = None;
         let source = ModelSource::from_files(files).map_err(|e| e.to_string())?;
         let model = StableDiffusion::load(source, &self.device).map_err(|e| e.to_string())?;
         let info = json(&model.info)?;
@@ -189,6 +202,7 @@ impl Session {
         let mut user = self.lora.take().ok_or("no LoRA is loaded")?;
         self.teacher = Some(model.with_lora(&user.file, weight, LoraMode::Merge));
         self.forget_results();
+        self.scan = None;
         user.weight = weight;
         self.lora = Some(user);
         Ok(())
@@ -348,6 +362,50 @@ impl Session {
         }
     }
 
+    /// Starts a scan for the trigger: of the user's LoRA against the model it is applied to, or
+    /// of the model alone. Candidates are tried in the clean `prompts` (JSON array), whose own
+    /// words are no candidates; `settings` is `ScanSettings` JSON (missing fields take their
+    /// defaults). Resolves to the number of steps.
+    pub fn start_scan(&mut self, prompts: &str, settings: &str) -> Result<usize, String> {
+        let model = self.model.as_ref().ok_or("load a model first")?;
+        let teacher = self.teacher.as_ref().ok_or("load a model first")?;
+        let prompts: Vec<String> = serde_json::from_str(prompts).map_err(|e| format!("prompts: {e}"))?;
+        let settings: ScanSettings = serde_json::from_str(settings).map_err(|e| format!("scan settings: {e}"))?;
+        self.scan = None;
+        let scan = match &self.lora {
+            Some(user) => Scan::new(teacher, Some(model), &prompts, lora_tags(&user.file.metadata), settings)?,
+            None => Scan::new(teacher, None, &prompts, vec![], settings)?,
+        };
+        let total = scan.total_steps();
+        self.scan = Some(scan);
+        Ok(total)
+    }
+
+    /// One step of the scan; resolves to the `Progress` JSON (task `scan`), or `undefined` once
+    /// it is complete (then `scan_report` has the candidates).
+    pub async fn scan_step(&mut self) -> Result<Option<String>, String> {
+        let scan = self.scan.as_mut().ok_or("no scan running (press Scan)")?;
+        match scan.step().await? {
+            Some(progress) => json(&progress).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The scan's report with its `top` candidates, best first (the page shows it and offers
+    /// it as the download).
+    pub fn scan_report(&self, top: usize) -> Result<String, String> {
+        let scan = self.scan.as_ref().ok_or("no scan yet")?;
+        serde_json::to_string_pretty(&scan.report(top)).map_err(|e| e.to_string())
+    }
+
+    /// Candidate `index`'s images side by side (without it, with it, the base model with it),
+    /// as a PNG.
+    pub fn scan_images_png(&self, index: usize) -> Result<Vec<u8>, String> {
+        let scan = self.scan.as_ref().ok_or("no scan yet")?;
+        let pair = scan.candidates().get(index).and_then(|c| c.images.as_ref()).ok_or_else(|| format!("candidate {} has no images", index + 1))?;
+        Ok(pair.row(SCAN_THUMBNAIL_SCALE).to_png())
+    }
+
     /// The sealing adapter as a kohya `.safetensors` file.
     pub fn adapter_file(&self) -> Result<Vec<u8>, String> {
         let sealed = self.sealed.as_ref().ok_or("seal first")?;
@@ -395,8 +453,10 @@ impl Session {
 }
 
 impl Session {
+    /// The LoRA and everything computed over it (the seal and the scan).
     fn forget_lora(&mut self) {
         self.lora = None;
+        self.scan = None;
         self.forget_results();
     }
 
