@@ -290,12 +290,10 @@ async function loadModel(afterCrash = false) {
   busy = true;
   updateButtons();
   try {
-    for (const [i, f] of model.files.entries()) {
-      setTask(`Reading ${f.path} (${i + 1}/${model.files.length})…`);
-      // The buffer is handed to the worker (not copied); the engine keeps one copy.
-      await call("stage_file", f.path, new Uint8Array(await f.file.arrayBuffer()));
-    }
-    setTask("Building the model…");
+    // The worker gets the File objects, not their bytes: the engine reads each weights file's
+    // header, then one tensor at a time, so a model of gigabytes is never copied whole.
+    for (const f of model.files) await call("stage_file", f.path, f.file);
+    setTask(`Loading the model (${(total / MiB).toFixed(0)} MiB, read a tensor at a time)…`);
     const note = showModel(JSON.parse(await call("load_model")));
     model.loaded = true;
     $("#lora-drop").hidden = false;
@@ -342,7 +340,7 @@ async function loadLora(file) {
   updateButtons();
   setTask(`Reading the LoRA ${file.name}…`);
   try {
-    const lora = JSON.parse(await call("load_lora", file.name, new Uint8Array(await file.arrayBuffer()), loraWeight()));
+    const lora = JSON.parse(await call("load_lora", file.name, file, loraWeight()));
     model.lora = file;
     definitions($("#lora-info"), [
       ["lora-name", "LoRA", lora.file],

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::rc::Rc;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use seal_weights::lora::{LoraComponent, LoraFile, LoraModule, ModelPaths};
-use seal_weights::{Component, DType, WeightFile};
+use seal_weights::{ByteSource, Component, DType, DiskFile, WeightFile};
 use serde::Serialize;
 
 use crate::ModelError;
@@ -21,8 +21,9 @@ use crate::tokenizer::{ClipTokenizer, TokenizerFiles};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
 
-/// A model's files by path relative to the model's root (`unet/config.json`, ...).
-pub type Files = BTreeMap<String, Vec<u8>>;
+/// A model's files by path relative to the model's root (`unet/config.json`, ...), each read
+/// only where it is needed (a weights file one tensor at a time).
+pub type Files = BTreeMap<String, Box<dyn ByteSource>>;
 
 /// What the user gave us.
 pub enum ModelSource {
@@ -31,7 +32,7 @@ pub enum ModelSource {
     /// An original-layout checkpoint, optionally with a diffusers folder whose configs and
     /// tokenizer describe it (as diffusers' `from_single_file(config=...)`); without one, the
     /// SD 1.x configs are inferred from the tensor shapes.
-    SingleFile { name: String, bytes: Vec<u8>, config: Option<Files> },
+    SingleFile { name: String, bytes: Box<dyn ByteSource>, config: Option<Files> },
 }
 
 impl ModelSource {
@@ -40,8 +41,8 @@ impl ModelSource {
         if path.is_dir() {
             Ok(Self::Folder(read_folder(path, true)?))
         } else {
-            let bytes = std::fs::read(path).map_err(|e| ModelError::Io { file: path.display().to_string(), message: e.to_string() })?;
-            Ok(Self::SingleFile { name: file_name(path), bytes, config: None })
+            let bytes = DiskFile::open(path).map_err(|e| ModelError::Io { file: path.display().to_string(), message: e.to_string() })?;
+            Ok(Self::SingleFile { name: file_name(path), bytes: Box::new(bytes), config: None })
         }
     }
 
@@ -119,7 +120,11 @@ pub fn read_folder(root: &Path, weights: bool) -> Result<Files, ModelError> {
     let mut files = Files::new();
     for rel in files_to_read(&paths).into_iter().filter(|p| weights || !p.ends_with(".safetensors")) {
         let path = root.join(&rel);
-        files.insert(rel, std::fs::read(&path).map_err(|e| io(&path, e))?);
+        let source: Box<dyn ByteSource> = match rel.ends_with(".safetensors") {
+            true => Box::new(DiskFile::open(&path).map_err(|e| ModelError::Io { file: path.display().to_string(), message: e.to_string() })?),
+            false => Box::new(std::fs::read(&path).map_err(|e| io(&path, e))?),
+        };
+        files.insert(rel, source);
     }
     Ok(files)
 }
@@ -181,18 +186,23 @@ struct Configs {
 }
 
 fn text(files: &Files, path: &str) -> Result<String, ModelError> {
-    let bytes = files.get(path).ok_or_else(|| ModelError::Missing(format!("the model folder has no {path}")))?;
-    String::from_utf8(bytes.clone()).map_err(|_| ModelError::config(path, "not UTF-8 text"))
+    let bytes = read_all(files, path)?.ok_or_else(|| ModelError::Missing(format!("the model folder has no {path}")))?;
+    String::from_utf8(bytes).map_err(|_| ModelError::config(path, "not UTF-8 text"))
+}
+
+/// A small file's bytes, if it was given.
+fn read_all(files: &Files, path: &str) -> Result<Option<Vec<u8>>, ModelError> {
+    files.get(path).map(|f| f.read_all().map_err(|e| ModelError::Io { file: path.to_string(), message: e })).transpose()
 }
 
 fn folder_configs(files: &Files) -> Result<Configs, ModelError> {
-    let tok = |name: &str| files.get(&format!("tokenizer/{name}")).cloned();
+    let tok = |name: &str| read_all(files, &format!("tokenizer/{name}"));
     let tokenizer_files = TokenizerFiles {
-        tokenizer_json: tok("tokenizer.json"),
-        vocab_json: tok("vocab.json"),
-        merges_txt: tok("merges.txt"),
-        tokenizer_config_json: tok("tokenizer_config.json"),
-        special_tokens_map_json: tok("special_tokens_map.json"),
+        tokenizer_json: tok("tokenizer.json")?,
+        vocab_json: tok("vocab.json")?,
+        merges_txt: tok("merges.txt")?,
+        tokenizer_config_json: tok("tokenizer_config.json")?,
+        special_tokens_map_json: tok("special_tokens_map.json")?,
     };
     let scheduler = match files.get("scheduler/scheduler_config.json") {
         Some(_) => SchedulerConfig::from_json(&text(files, "scheduler/scheduler_config.json")?)?,
@@ -211,7 +221,7 @@ fn folder_configs(files: &Files) -> Result<Configs, ModelError> {
 fn folder_component(files: &mut Files, dir: &str, stem: &str) -> Result<Component, ModelError> {
     for name in [format!("{dir}/{stem}.safetensors"), format!("{dir}/{stem}.fp16.safetensors")] {
         if let Some(bytes) = files.remove(&name) {
-            return Ok(Component::from_file(Arc::new(WeightFile::from_bytes(name, bytes)?)));
+            return Ok(Component::from_file(Rc::new(WeightFile::from_source(name, bytes)?)));
         }
     }
     Err(ModelError::Missing(format!("the model folder has no {dir}/{stem}.safetensors (only .safetensors weights are read)")))
@@ -293,7 +303,7 @@ impl StableDiffusion {
                 (configs, unet, text, vae, "diffusers folder".to_string(), vec![])
             }
             ModelSource::SingleFile { name, bytes, config } => {
-                let file = Arc::new(WeightFile::from_bytes(name.clone(), bytes)?);
+                let file = Rc::new(WeightFile::from_source(name.clone(), bytes)?);
                 let split = seal_weights::split_single_file(file)?;
                 let mut notes = vec![];
                 let configs = match config {
@@ -591,7 +601,7 @@ mod tests {
 
     #[test]
     fn given_files_are_a_folder_or_one_checkpoint_with_its_configs() {
-        let file = |names: &[&str]| names.iter().map(|n| (n.to_string(), vec![0u8])).collect::<Files>();
+        let file = |names: &[&str]| names.iter().map(|n| (n.to_string(), Box::new(vec![0u8]) as Box<dyn ByteSource>)).collect::<Files>();
         let folder = file(&["m/unet/config.json", "m/unet/diffusion_pytorch_model.safetensors", "m/vae/diffusion_pytorch_model.safetensors"]);
         assert!(matches!(ModelSource::from_files(folder).unwrap(), ModelSource::Folder(f) if f.len() == 3));
         match ModelSource::from_files(file(&["ckpt/model.safetensors", "m/unet/config.json", "m/unet/diffusion_pytorch_model.safetensors"])).unwrap() {
@@ -648,7 +658,7 @@ mod loading_tests {
     #[test]
     fn single_file_checkpoint_equals_its_folder() {
         let bytes = std::fs::read(fixtures().join("tiny-pixel.safetensors")).unwrap();
-        let single = load(ModelSource::SingleFile { name: "tiny-pixel.safetensors".into(), bytes: bytes.clone(), config: Some(fixture_files("tiny-pixel")) }).unwrap();
+        let single = load(ModelSource::SingleFile { name: "tiny-pixel.safetensors".into(), bytes: Box::new(bytes.clone()), config: Some(fixture_files("tiny-pixel")) }).unwrap();
         let folder = load(ModelSource::Folder(fixture_files("tiny-pixel"))).unwrap();
         assert_close(noise_pred(&single), noise_pred(&folder), 0.0, "single file vs folder");
         let prompt = ["\u{200b} a red circle on a white background"];
@@ -657,7 +667,7 @@ mod loading_tests {
 
         // Without a config the SD 1.x defaults are inferred; this tiny model's own 1000-token
         // vocabulary is not CLIP's, which must be said plainly.
-        let err = load(ModelSource::SingleFile { name: "tiny-pixel.safetensors".into(), bytes, config: None }).err().unwrap().to_string();
+        let err = load(ModelSource::SingleFile { name: "tiny-pixel.safetensors".into(), bytes: Box::new(bytes), config: None }).err().unwrap().to_string();
         assert!(err.contains("1000-token vocabulary"), "{err}");
     }
 
@@ -675,8 +685,8 @@ mod loading_tests {
             ("text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"),
             ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"),
         ] {
-            let bytes = files.remove(name).unwrap();
-            files.insert(fp16.into(), rewrite_safetensors(&bytes, true, |n, s, d| Some((n.into(), s, d))));
+            let bytes = files.remove(name).unwrap().read_all().unwrap();
+            files.insert(fp16.into(), Box::new(rewrite_safetensors(&bytes, true, |n, s, d| Some((n.into(), s, d)))));
         }
         let half = load(ModelSource::Folder(files)).unwrap();
         assert_eq!(half.info.dtype, "f16");
@@ -687,9 +697,9 @@ mod loading_tests {
     #[test]
     fn missing_tensor_is_named() {
         let mut files = fixture_files("tiny-clean");
-        let unet = files.remove(UNET_FILE).unwrap();
+        let unet = files.remove(UNET_FILE).unwrap().read_all().unwrap();
         let drop = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight";
-        files.insert(UNET_FILE.into(), rewrite_safetensors(&unet, false, |n, s, d| (n != drop).then(|| (n.into(), s, d))));
+        files.insert(UNET_FILE.into(), Box::new(rewrite_safetensors(&unet, false, |n, s, d| (n != drop).then(|| (n.into(), s, d)))));
         let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
         assert!(err.contains(UNET_FILE) && err.contains(drop), "{err}");
     }
@@ -697,9 +707,9 @@ mod loading_tests {
     #[test]
     fn wrong_shape_is_named() {
         let mut files = fixture_files("tiny-clean");
-        let unet = files.remove(UNET_FILE).unwrap();
+        let unet = files.remove(UNET_FILE).unwrap().read_all().unwrap();
         let key = "conv_in.weight";
-        files.insert(UNET_FILE.into(), rewrite_safetensors(&unet, false, |n, s, d| Some(if n == key { (n.into(), vec![d.len()], d) } else { (n.into(), s, d) })));
+        files.insert(UNET_FILE.into(), Box::new(rewrite_safetensors(&unet, false, |n, s, d| Some(if n == key { (n.into(), vec![d.len()], d) } else { (n.into(), s, d) }))));
         let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
         assert!(err.contains(UNET_FILE) && err.contains(key) && err.contains("[32, 4, 3, 3]"), "{err}");
     }
@@ -707,15 +717,15 @@ mod loading_tests {
     #[test]
     fn non_finite_weight_is_refused() {
         let mut files = fixture_files("tiny-clean");
-        let unet = files.remove(UNET_FILE).unwrap();
+        let unet = files.remove(UNET_FILE).unwrap().read_all().unwrap();
         files.insert(
             UNET_FILE.into(),
-            rewrite_safetensors(&unet, false, |n, s, mut d| {
+            Box::new(rewrite_safetensors(&unet, false, |n, s, mut d| {
                 if n == "conv_out.bias" {
                     d[1] = f32::NAN;
                 }
                 Some((n.into(), s, d))
-            }),
+            })),
         );
         let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
         assert!(err.contains("conv_out.bias") && err.contains("NaN"), "{err}");
@@ -724,21 +734,22 @@ mod loading_tests {
     #[test]
     fn unknown_architecture_is_refused() {
         let mut files = fixture_files("tiny-clean");
-        let config = String::from_utf8(files["unet/config.json"].clone()).unwrap();
+        let config = String::from_utf8(files["unet/config.json"].read_all().unwrap()).unwrap();
         let sdxl = config.replace("\"addition_embed_type\": null", "\"addition_embed_type\": \"text_time\"");
         assert_ne!(config, sdxl);
-        files.insert("unet/config.json".into(), sdxl.into_bytes());
-        let err = load(ModelSource::Folder(files.clone())).err().unwrap().to_string();
+        files.insert("unet/config.json".into(), Box::new(sdxl.into_bytes()));
+        let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
         assert!(err.contains("addition_embed_type") && err.contains("text_time"), "{err}");
 
-        files.insert("unet/config.json".into(), b"{\"block_out_channels\": [32, 64]".to_vec());
+        let mut files = fixture_files("tiny-clean");
+        files.insert("unet/config.json".into(), Box::new(b"{\"block_out_channels\": [32, 64]".to_vec()));
         let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
         assert!(err.contains("unet/config.json"), "{err}");
     }
 
     #[test]
     fn random_bytes_as_a_model_give_an_error() {
-        let err = load(ModelSource::SingleFile { name: "junk.safetensors".into(), bytes: vec![7; 100], config: None }).err().unwrap().to_string();
+        let err = load(ModelSource::SingleFile { name: "junk.safetensors".into(), bytes: Box::new(vec![7; 100]), config: None }).err().unwrap().to_string();
         assert!(err.contains("junk.safetensors"), "{err}");
     }
 }

@@ -1,5 +1,6 @@
 //! The wasm-bindgen surface the page's worker calls. Thin: computation lives in seal-core.
 
+mod blob;
 mod session;
 
 use burn::prelude::Device;

@@ -20,8 +20,10 @@ use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, parse_lora, write_in_
 use serde::Deserialize;
 use serde_json::json;
 use wasm_bindgen::prelude::*;
+use web_sys::Blob;
 
 use crate::Engine;
+use crate::blob::BlobSource;
 
 /// A LoRA the user gave, as parsed against the model, and the weight it is applied at.
 struct UserLora {
@@ -144,9 +146,11 @@ impl Session {
     }
 
     /// Adds one file of the model to load; `path` is relative to what the user picked
-    /// (`my-model/unet/config.json`, or just `model.safetensors`).
-    pub fn stage_file(&mut self, path: String, bytes: Vec<u8>) {
-        self.staged.insert(path, bytes);
+    /// (`my-model/unet/config.json`, or just `model.safetensors`). The file stays where it is:
+    /// loading reads its header, then one tensor at a time.
+    pub fn stage_file(&mut self, path: String, file: Blob) -> Result<(), String> {
+        self.staged.insert(path, Box::new(BlobSource::new(file)?));
+        Ok(())
     }
 
     /// Loads the staged files (then forgets them) as the model: a diffusers folder, or one
@@ -170,10 +174,10 @@ impl Session {
     /// strength the user applies it at, usually 1). Resolves to
     /// `{file, format, modules, unet_modules, text_encoder_modules, ranks, alphas, dtype, network_module}`.
     /// A file with keys no module of the model has is refused whole, the keys listed.
-    pub fn load_lora(&mut self, name: String, bytes: Vec<u8>, weight: f32) -> Result<String, String> {
+    pub fn load_lora(&mut self, name: String, file: Blob, weight: f32) -> Result<String, String> {
         let model = self.model.as_ref().ok_or("load a model before a LoRA")?;
         check_lora_weight(weight)?;
-        let file = WeightFile::from_bytes(name.clone(), bytes).map_err(|e| e.to_string())?;
+        let file = WeightFile::from_source(name.clone(), Box::new(BlobSource::new(file)?)).map_err(|e| e.to_string())?;
         let lora = parse_lora(&file, &model.model_paths()).map_err(|e| e.to_string())?;
         let count = |c: LoraComponent| lora.modules.keys().filter(|t| t.component == c).count();
         let distinct = |v: Vec<String>| v.into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>();

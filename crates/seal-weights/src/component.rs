@@ -1,13 +1,13 @@
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::rc::Rc;
 
 use crate::{DType, Tensor32, WeightError, WeightFile};
 
 /// One model component's tensors under their diffusers names (e.g.
 /// `down_blocks.0.resnets.0.conv1.weight`), each read from a key of one shared file. Components
-/// split from one single-file checkpoint share its bytes through the `Arc`.
+/// split from one single-file checkpoint share its bytes through the `Rc`.
 pub struct Component {
-    file: Arc<WeightFile>,
+    file: Rc<WeightFile>,
     tensors: BTreeMap<String, Source>,
 }
 
@@ -20,7 +20,7 @@ pub(crate) struct Source {
 
 impl Component {
     /// A diffusers folder's file: its keys already are the diffusers names.
-    pub fn from_file(file: Arc<WeightFile>) -> Self {
+    pub fn from_file(file: Rc<WeightFile>) -> Self {
         let tensors = file
             .keys()
             .filter_map(|k| {
@@ -32,7 +32,7 @@ impl Component {
     }
 
     /// Every `Source` key must be a loadable tensor of `file` whose element count matches.
-    pub(crate) fn new(file: Arc<WeightFile>, tensors: BTreeMap<String, Source>) -> Self {
+    pub(crate) fn new(file: Rc<WeightFile>, tensors: BTreeMap<String, Source>) -> Self {
         Self { file, tensors }
     }
 
@@ -78,7 +78,7 @@ mod tests {
 
     fn renamed() -> Component {
         let bytes = safetensors_file(&[("old.w", "F32", &[2, 2, 1, 1], vec![0; 16])], None);
-        let file = Arc::new(WeightFile::from_bytes("ckpt.safetensors", bytes).unwrap());
+        let file = Rc::new(WeightFile::from_bytes("ckpt.safetensors", bytes).unwrap());
         let source = Source { key: "old.w".into(), shape: vec![2, 2] };
         Component::new(file, [("new.weight".to_string(), source)].into())
     }
@@ -99,7 +99,7 @@ mod tests {
         let c = renamed();
         assert_eq!(c.load_f32("x").unwrap_err().to_string(), "ckpt.safetensors: no tensor x");
         let bytes = safetensors_file(&[("old", "I32", &[1], vec![0; 4])], None);
-        let file = Arc::new(WeightFile::from_bytes("ckpt.safetensors", bytes).unwrap());
+        let file = Rc::new(WeightFile::from_bytes("ckpt.safetensors", bytes).unwrap());
         let source = Source { key: "old".into(), shape: vec![1] };
         let c = Component::new(file, [("new".to_string(), source)].into());
         let e = c.load_f32("new").unwrap_err().to_string();
@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn half_precision_variants_of_a_diffusers_file() {
         let path = fixtures().join("tiny-pixel/vae/diffusion_pytorch_model.safetensors");
-        let full = Component::from_file(Arc::new(WeightFile::open(&path).unwrap()));
+        let full = Component::from_file(Rc::new(WeightFile::open(&path).unwrap()));
         for (dtype, name) in [(DType::F16, "fp16"), (DType::BF16, "bf16")] {
             let mut tensors = Vec::new();
             let mut expected = BTreeMap::new();
@@ -131,7 +131,7 @@ mod tests {
             let spec: Vec<_> = tensors.iter().map(|(k, s, b)| (k.as_str(), dtype.name(), s.as_slice(), b.clone())).collect();
             let file_name = format!("diffusion_pytorch_model.{name}.safetensors");
             let file = WeightFile::from_bytes(file_name, safetensors_file(&spec, None)).unwrap();
-            let variant = Component::from_file(Arc::new(file));
+            let variant = Component::from_file(Rc::new(file));
             assert!(variant.keys().eq(full.keys()));
             for key in variant.keys() {
                 assert_eq!(variant.dtype(key), Some(dtype));

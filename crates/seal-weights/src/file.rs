@@ -1,8 +1,67 @@
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Mutex;
 
 use crate::header::{self, Entry};
 use crate::{DType, WeightError};
+
+/// Where a file's bytes come from, read a range at a time so that a checkpoint of gigabytes is
+/// never held whole: a file on disk, a browser `Blob`, or bytes already in memory.
+pub trait ByteSource {
+    fn len(&self) -> u64;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes of `range`, which lies within `0..len()`.
+    fn read(&self, range: Range<u64>) -> Result<Vec<u8>, String>;
+
+    /// Every byte (for small files: configs, tokenizers).
+    fn read_all(&self) -> Result<Vec<u8>, String> {
+        self.read(0..self.len())
+    }
+}
+
+impl ByteSource for Vec<u8> {
+    fn len(&self) -> u64 {
+        self.as_slice().len() as u64
+    }
+
+    fn read(&self, range: Range<u64>) -> Result<Vec<u8>, String> {
+        self.get(range.start as usize..range.end as usize).map(<[u8]>::to_vec).ok_or_else(|| format!("bytes {range:?} are beyond the {} bytes held", self.as_slice().len()))
+    }
+}
+
+/// A file on disk, read where asked.
+pub struct DiskFile {
+    file: Mutex<std::fs::File>,
+    len: u64,
+}
+
+impl DiskFile {
+    pub fn open(path: &Path) -> Result<Self, WeightError> {
+        let io = |source| WeightError::Io { file: path.display().to_string(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        Ok(Self { file: Mutex::new(file), len })
+    }
+}
+
+impl ByteSource for DiskFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read(&self, range: Range<u64>) -> Result<Vec<u8>, String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = self.file.lock().map_err(|_| "an earlier read failed midway".to_string())?;
+        let mut out = vec![0; (range.end - range.start) as usize];
+        file.seek(SeekFrom::Start(range.start)).and_then(|_| file.read_exact(&mut out)).map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+}
 
 /// What the header says about a float tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,11 +77,11 @@ pub struct Tensor32 {
     pub data: Vec<f32>,
 }
 
-/// One safetensors file held in memory with its header parsed and validated. Tensors are
-/// converted to f32 only when loaded, so a component can be loaded one tensor at a time.
+/// One safetensors file with its header parsed and validated. Tensors are read and converted
+/// to f32 only when loaded, one at a time, from wherever the bytes are (`ByteSource`).
 pub struct WeightFile {
     name: String,
-    bytes: Vec<u8>,
+    source: Box<dyn ByteSource>,
     tensors: BTreeMap<String, Entry>,
     unsupported: BTreeMap<String, String>,
     metadata: BTreeMap<String, String>,
@@ -31,18 +90,23 @@ pub struct WeightFile {
 impl WeightFile {
     /// Parses `bytes`; `name` (a file name or path) is what error messages call the file.
     pub fn from_bytes(name: impl Into<String>, bytes: Vec<u8>) -> Result<Self, WeightError> {
-        let name = name.into();
-        let header = header::parse(&name, &bytes)?;
-        Ok(Self { name, bytes, tensors: header.tensors, unsupported: header.unsupported, metadata: header.metadata })
+        Self::from_source(name, Box::new(bytes))
     }
 
-    /// Reads and parses a file; messages name it by the path as given.
+    /// Reads only the header from `source`; tensors are read when loaded.
+    pub fn from_source(name: impl Into<String>, source: Box<dyn ByteSource>) -> Result<Self, WeightError> {
+        let name = name.into();
+        let total = source.len();
+        let read = |range: Range<u64>| source.read(range).map_err(|reason| WeightError::Format { file: name.clone(), reason: format!("cannot read: {reason}") });
+        let first = read(0..total.min(8))?;
+        let head = read(0..header::head_len(&name, &first, total)?)?;
+        let header = header::parse_head(&name, &head, total)?;
+        Ok(Self { name, source, tensors: header.tensors, unsupported: header.unsupported, metadata: header.metadata })
+    }
+
+    /// Opens a file on disk and parses its header; messages name it by the path as given.
     pub fn open(path: &Path) -> Result<Self, WeightError> {
-        let name = path.display().to_string();
-        match std::fs::read(path) {
-            Ok(bytes) => Self::from_bytes(name, bytes),
-            Err(source) => Err(WeightError::Io { file: name, source }),
-        }
+        Self::from_source(path.display().to_string(), Box::new(DiskFile::open(path)?))
     }
 
     pub fn name(&self) -> &str {
@@ -71,7 +135,14 @@ impl WeightFile {
 
     pub fn load_f32(&self, key: &str) -> Result<Tensor32, WeightError> {
         match self.tensors.get(key) {
-            Some(entry) => Ok(Tensor32 { shape: entry.info.shape.clone(), data: entry.info.dtype.decode(&self.bytes[entry.range.clone()]) }),
+            Some(entry) => {
+                let bytes = self.source.read(entry.range.clone()).map_err(|reason| WeightError::Tensor {
+                    file: self.name.clone(),
+                    tensor: key.to_owned(),
+                    reason: format!("cannot read: {reason}"),
+                })?;
+                Ok(Tensor32 { shape: entry.info.shape.clone(), data: entry.info.dtype.decode(&bytes) })
+            }
             None => Err(match self.unsupported.get(key) {
                 Some(dtype) => WeightError::UnsupportedDType { file: self.name.clone(), tensor: key.to_owned(), dtype: dtype.clone() },
                 None => WeightError::Missing { file: self.name.clone(), tensor: key.to_owned() },
@@ -85,7 +156,7 @@ impl std::fmt::Debug for WeightFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightFile")
             .field("name", &self.name)
-            .field("bytes", &self.bytes.len())
+            .field("bytes", &self.source.len())
             .field("tensors", &self.tensors.len())
             .field("unsupported", &self.unsupported)
             .field("metadata", &self.metadata)
@@ -146,6 +217,39 @@ mod tests {
         let f = WeightFile::open(&path).unwrap();
         assert!(f.name().ends_with("text_encoder/model.safetensors"));
         assert_eq!(f.keys().count(), 84);
+    }
+
+    /// Bytes in memory that count what is read of them.
+    struct Counted(Vec<u8>, std::rc::Rc<std::cell::Cell<u64>>);
+
+    impl ByteSource for Counted {
+        fn len(&self) -> u64 {
+            self.0.len() as u64
+        }
+
+        fn read(&self, range: Range<u64>) -> Result<Vec<u8>, String> {
+            self.1.set(self.1.get() + range.end - range.start);
+            self.0.read(range)
+        }
+    }
+
+    /// Opening reads the header alone, loading a tensor its bytes alone: a large file is
+    /// never held whole.
+    #[test]
+    fn reads_only_the_header_then_each_tensor() {
+        let bytes = small_file();
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        let read = std::rc::Rc::new(std::cell::Cell::new(0));
+        let f = WeightFile::from_source("small.safetensors", Box::new(Counted(bytes, read.clone()))).unwrap();
+        // The 8-byte length, then the whole head (length and JSON).
+        assert_eq!(read.get(), 8 + header_end);
+        assert_eq!(f.load_f32("w32").unwrap().data, vec![1.0, -2.0, 0.5, 3.0]);
+        assert_eq!(read.get(), 8 + header_end + 16);
+        // From disk, the same.
+        let path = crate::testutil::fixtures().join("tiny-pixel/unet/diffusion_pytorch_model.safetensors");
+        let (disk, memory) = (WeightFile::open(&path).unwrap(), WeightFile::from_bytes("mem", std::fs::read(&path).unwrap()).unwrap());
+        let key = "conv_in.weight";
+        assert_eq!(disk.load_f32(key).unwrap(), memory.load_f32(key).unwrap());
     }
 
     /// Our parser agrees with the reference implementation on files it writes.

@@ -11,10 +11,43 @@ use serde_json::{Map, Value};
 
 use crate::{DType, TensorInfo, WeightError};
 
-/// A float tensor: its info and its absolute byte range within the file.
+/// A float tensor: its info and its absolute byte range within the file (u64: a checkpoint
+/// may exceed wasm32's 4 GiB address space; only one tensor at a time is ever in memory).
 pub(crate) struct Entry {
     pub info: TensorInfo,
-    pub range: Range<usize>,
+    pub range: Range<u64>,
+}
+
+/// No real header comes near this (safetensors itself refuses headers over 100 MB); a damaged
+/// length field must not make us allocate what it claims.
+const MAX_HEADER: u64 = 100_000_000;
+
+/// How many bytes from the start of a file hold its header, given its first 8 bytes and its
+/// length: what to read before `parse_head`. Errors as `parse_head` would.
+pub(crate) fn head_len(file: &str, first: &[u8], total: u64) -> Result<u64, WeightError> {
+    header_len(file, first, total).map(|n| 8 + n)
+}
+
+fn header_len(file: &str, first: &[u8], total: u64) -> Result<u64, WeightError> {
+    let format = |reason: String| WeightError::Format { file: file.to_owned(), reason };
+    let Some(len_bytes) = first.first_chunk::<8>() else {
+        return Err(format(format!("{total} bytes is too short for a safetensors header (truncated file?)")));
+    };
+    let claimed = u64::from_le_bytes(*len_bytes);
+    let available = total.saturating_sub(8);
+    if claimed > available {
+        return Err(format(format!("header length {claimed} exceeds the {available} bytes after it (truncated file?)")));
+    }
+    if claimed > MAX_HEADER {
+        return Err(format(format!("header length {claimed} is larger than any safetensors header")));
+    }
+    Ok(claimed)
+}
+
+/// Parses a whole file held in memory.
+#[cfg(test)]
+pub(crate) fn parse(file: &str, bytes: &[u8]) -> Result<Header, WeightError> {
+    parse_head(file, bytes, bytes.len() as u64)
 }
 
 pub(crate) struct Header {
@@ -24,20 +57,15 @@ pub(crate) struct Header {
     pub metadata: BTreeMap<String, String>,
 }
 
-pub(crate) fn parse(file: &str, bytes: &[u8]) -> Result<Header, WeightError> {
+/// Parses the header of a file of `total` bytes from `head`, its first bytes (at least
+/// `head_len` of them when the file has a valid length field).
+pub(crate) fn parse_head(file: &str, head: &[u8], total: u64) -> Result<Header, WeightError> {
     let format = |reason: String| WeightError::Format { file: file.to_owned(), reason };
-    let Some(len_bytes) = bytes.first_chunk::<8>() else {
-        return Err(format(format!("{} bytes is too short for a safetensors header (truncated file?)", bytes.len())));
-    };
-    let claimed = u64::from_le_bytes(*len_bytes);
-    let available = bytes.len() - 8;
-    let header_len = usize::try_from(claimed)
-        .ok()
-        .filter(|&n| n <= available)
-        .ok_or_else(|| format(format!("header length {claimed} exceeds the {available} bytes after it (truncated file?)")))?;
+    let header_len = header_len(file, head, total)? as usize;
     let data_start = 8 + header_len;
-    let data_len = bytes.len() - data_start;
-    let json: Map<String, Value> = serde_json::from_slice(&bytes[8..data_start]).map_err(|e| format(format!("header is not a JSON object: {e}")))?;
+    let data_len = total - data_start as u64;
+    let json = head.get(8..data_start).ok_or_else(|| format(format!("only {} of the header's {header_len} bytes were read", head.len().saturating_sub(8))))?;
+    let json: Map<String, Value> = serde_json::from_slice(json).map_err(|e| format(format!("header is not a JSON object: {e}")))?;
 
     let mut header = Header { tensors: BTreeMap::new(), unsupported: BTreeMap::new(), metadata: BTreeMap::new() };
     // (start, end, key) of every non-empty tensor, to find overlaps.
@@ -53,7 +81,7 @@ pub(crate) fn parse(file: &str, bytes: &[u8]) -> Result<Header, WeightError> {
         }
         match raw.dtype {
             Ok(dtype) => {
-                let range = data_start + raw.range.start..data_start + raw.range.end;
+                let range = data_start as u64 + raw.range.start..data_start as u64 + raw.range.end;
                 let info = TensorInfo { dtype, shape: raw.shape };
                 header.tensors.insert(key, Entry { info, range });
             }
@@ -71,10 +99,10 @@ struct RawEntry {
     dtype: Result<DType, String>,
     shape: Vec<usize>,
     /// Relative to the start of the data section.
-    range: Range<usize>,
+    range: Range<u64>,
 }
 
-fn parse_entry(value: &Value, data_len: usize) -> Result<RawEntry, String> {
+fn parse_entry(value: &Value, data_len: u64) -> Result<RawEntry, String> {
     let obj = value.as_object().ok_or("header entry is not a JSON object")?;
     let name = obj.get("dtype").and_then(Value::as_str).ok_or("\"dtype\" is missing or not a string")?;
     let shape = obj
@@ -108,14 +136,13 @@ fn parse_entry(value: &Value, data_len: usize) -> Result<RawEntry, String> {
     }
     let needed = bits / 8;
     let (start, end) = offsets;
-    if start > end || end > data_len as u64 {
+    if start > end || end > data_len {
         return Err(format!("data offsets [{start}, {end}] lie outside the {data_len}-byte data section"));
     }
-    // Both offsets are now <= data_len, so they fit in usize.
-    let range = start as usize..end as usize;
-    if range.len() != needed {
-        return Err(format!("data offsets [{start}, {end}] hold {} bytes but {name} {shape:?} needs {needed}", range.len()));
+    if end - start != needed as u64 {
+        return Err(format!("data offsets [{start}, {end}] hold {} bytes but {name} {shape:?} needs {needed}", end - start));
     }
+    let range = start..end;
     Ok(RawEntry { dtype, shape, range })
 }
 
@@ -133,10 +160,10 @@ fn parse_metadata(value: Value) -> Option<BTreeMap<String, String>> {
 
 /// Gaps between tensors are tolerated (they waste bytes but cannot mislead a load); overlaps
 /// are not, since they mean the header is wrong about at least one tensor.
-fn check_overlaps(file: &str, mut spans: Vec<(usize, usize, String)>) -> Result<(), WeightError> {
+fn check_overlaps(file: &str, mut spans: Vec<(u64, u64, String)>) -> Result<(), WeightError> {
     spans.sort();
     // The span reaching furthest so far: a later span starting before its end overlaps it.
-    let mut furthest: Option<&(usize, usize, String)> = None;
+    let mut furthest: Option<&(u64, u64, String)> = None;
     for span in &spans {
         if let Some(prev) = furthest
             && span.0 < prev.1
@@ -175,7 +202,7 @@ mod tests {
         let bytes = safetensors_file(&[("a", "F32", &[2], f32_bytes(&[1.0, 2.0])), ("b", "I64", &[1], vec![0; 8])], Some(r#"{"format":"pt"}"#));
         let h = parse("ok", &bytes).unwrap();
         assert_eq!(h.tensors["a"].info.shape, vec![2]);
-        assert_eq!(h.tensors["a"].range.len(), 8);
+        assert_eq!(h.tensors["a"].range.end - h.tensors["a"].range.start, 8);
         assert_eq!(h.unsupported["b"], "I64");
         assert_eq!(h.metadata["format"], "pt");
     }

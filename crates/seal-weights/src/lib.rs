@@ -1,7 +1,8 @@
 //! File bytes -> named f32 tensors under diffusers names: the first step of Seal's data path.
 //!
-//! [`WeightFile`] parses one safetensors file (from bytes: the browser has no file system, or
-//! from a path) and checks every size its header claims against the bytes actually present.
+//! [`WeightFile`] parses one safetensors file's header (from any [`ByteSource`]: bytes, a file
+//! on disk, a browser Blob) and checks every size it claims against the file's length; tensors
+//! are read one at a time when loaded.
 //! [`Component`] is one model part's tensors under their diffusers names: either a diffusers
 //! folder's file as it is ([`Component::from_file`]) or one part of an original-layout (LDM)
 //! single-file checkpoint, split and renamed by [`split_single_file`]. [`lora`] reads and writes
@@ -22,5 +23,5 @@ mod testutil;
 pub use component::Component;
 pub use dtype::DType;
 pub use error::WeightError;
-pub use file::{Tensor32, TensorInfo, WeightFile};
+pub use file::{ByteSource, DiskFile, Tensor32, TensorInfo, WeightFile};
 pub use ldm::{SingleFile, split_single_file};

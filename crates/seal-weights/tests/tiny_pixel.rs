@@ -2,7 +2,7 @@
 //! same names, shapes and bit-identical f32 data for every tensor of all three components.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::rc::Rc;
 
 use seal_weights::{Component, DType, WeightFile, split_single_file};
 
@@ -10,8 +10,8 @@ fn fixtures() -> PathBuf {
     std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
 }
 
-fn open(path: &Path) -> Arc<WeightFile> {
-    Arc::new(WeightFile::open(path).unwrap())
+fn open(path: &Path) -> Rc<WeightFile> {
+    Rc::new(WeightFile::open(path).unwrap())
 }
 
 const FOLDER_FILES: [&str; 3] =
@@ -66,7 +66,7 @@ fn old_style_checkpoint() -> Vec<u8> {
 
 #[test]
 fn old_text_encoder_keys_split_the_same() {
-    let file = Arc::new(WeightFile::from_bytes("old.safetensors", old_style_checkpoint()).unwrap());
+    let file = Rc::new(WeightFile::from_bytes("old.safetensors", old_style_checkpoint()).unwrap());
     let single = split_single_file(file).unwrap();
     assert_eq!(single.unused, ["ema_scale"]);
     assert_identical(&single.text_encoder, FOLDER_FILES[1]);

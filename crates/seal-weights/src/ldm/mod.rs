@@ -8,7 +8,7 @@ mod unet;
 mod vae;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::rc::Rc;
 
 use crate::component::{Component, Source};
 use crate::{WeightError, WeightFile};
@@ -59,7 +59,7 @@ pub struct SingleFile {
 
 /// Splits an original-layout (LDM / CompVis) checkpoint: UNet `model.diffusion_model.*`, text
 /// encoder `cond_stage_model.transformer.[text_model.]*`, VAE `first_stage_model.*`.
-pub fn split_single_file(file: Arc<WeightFile>) -> Result<SingleFile, WeightError> {
+pub fn split_single_file(file: Rc<WeightFile>) -> Result<SingleFile, WeightError> {
     let keys = file.keys().chain(file.unsupported_tensors().map(|(k, _)| k));
     let plan = plan_keys(keys).map_err(|reason| WeightError::Layout { file: file.name().to_owned(), reason })?;
     let mut parts: [BTreeMap<String, Source>; 3] = Default::default();

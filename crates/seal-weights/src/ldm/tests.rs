@@ -195,7 +195,7 @@ fn colliding_names_are_an_error() {
 }
 
 /// A minimal checkpoint: one UNet level, a text encoder weight, and the VAE attention.
-fn tiny_checkpoint(extra: &[(&str, &str, &[usize], Vec<u8>)]) -> Arc<WeightFile> {
+fn tiny_checkpoint(extra: &[(&str, &str, &[usize], Vec<u8>)]) -> Rc<WeightFile> {
     let zeros = |n: usize| f32_bytes(&vec![0.0; n]);
     let mut tensors: Vec<(&str, &str, &[usize], Vec<u8>)> = vec![
         ("model.diffusion_model.input_blocks.1.0.in_layers.0.weight", "F32", &[2], zeros(2)),
@@ -208,7 +208,7 @@ fn tiny_checkpoint(extra: &[(&str, &str, &[usize], Vec<u8>)]) -> Arc<WeightFile>
         ("extra.unknown", "F32", &[1], zeros(1)),
     ];
     tensors.extend(extra.iter().cloned());
-    Arc::new(WeightFile::from_bytes("ckpt.safetensors", safetensors_file(&tensors, None)).unwrap())
+    Rc::new(WeightFile::from_bytes("ckpt.safetensors", safetensors_file(&tensors, None)).unwrap())
 }
 
 #[test]
@@ -246,7 +246,7 @@ fn split_errors_name_file_and_tensor() {
          only F32, F16 and BF16 can be loaded"
     );
     let bytes = safetensors_file(&[("x", "F32", &[1], f32_bytes(&[0.0]))], None);
-    let file = Arc::new(WeightFile::from_bytes("lora.safetensors", bytes).unwrap());
+    let file = Rc::new(WeightFile::from_bytes("lora.safetensors", bytes).unwrap());
     let e = split_single_file(file).err().unwrap().to_string();
     assert!(e.starts_with("lora.safetensors: no UNet tensors"), "{e}");
 }

@@ -88,7 +88,7 @@ fn resnet(sub: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::rc::Rc;
 
     use super::*;
     use crate::testutil::{f32_bytes, layout, safetensors_file};
@@ -117,7 +117,7 @@ mod tests {
         tensors.push(("first_stage_model.encoder.conv_in.weight".into(), f32_bytes(&[0.0])));
         let spec: Vec<_> = tensors.iter().map(|(k, b)| (k.as_str(), "F32", &[1usize][..], b.clone())).collect();
         let file = WeightFile::from_bytes(layout, safetensors_file(&spec, None)).unwrap();
-        let split = split_single_file(Arc::new(file)).unwrap();
+        let split = split_single_file(Rc::new(file)).unwrap();
         assert!(split.unused.is_empty(), "{layout}: {:?}", split.unused);
         assert_eq!(split.unet.keys().count(), paths.len(), "{layout}");
         for (i, p) in paths.keys().enumerate() {
