@@ -4,6 +4,7 @@ mod ablate;
 mod bench;
 mod eval;
 mod generate;
+mod random_model;
 mod scan;
 mod seal;
 
@@ -35,6 +36,8 @@ enum Command {
     Ablate(ablate::Args),
     /// Time model forwards and generations on the CPU backend and write JSON.
     Bench(bench::Args),
+    /// Write a diffusers folder of a real architecture with random weights (for real-size checks).
+    RandomModel(random_model::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Seal(args) => seal::run(args),
         Command::Scan(args) => scan::run(args),
+        Command::RandomModel(args) => random_model::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -150,6 +150,13 @@ impl ClipTokenizer {
         Self::new(inner, specials, OPENAI_CLIP_SOURCE)
     }
 
+    /// The OpenAI CLIP tokenizer as a diffusers folder holds it: `(vocab.json, merges.txt)`.
+    pub fn openai_clip_files() -> Result<(String, &'static str), TokenizerError> {
+        let vocab = clip_vocab_from_merges(&parse_merges(OPENAI_CLIP_MERGES, OPENAI_CLIP_SOURCE)?);
+        let json = serde_json::to_string(&vocab.into_iter().collect::<std::collections::BTreeMap<_, _>>()).expect("a map of strings serializes");
+        Ok((json, OPENAI_CLIP_MERGES))
+    }
+
     /// Resolves the special tokens and registers them, as transformers does, so that a literal
     /// "<|endoftext|>" in a prompt is one token. The tokenizer's own padding/truncation settings
     /// are dropped: [`Self::encode`] applies diffusers' (the caller's) settings itself.

@@ -11,6 +11,33 @@ pub enum DType {
 }
 
 impl DType {
+    /// Little-endian bytes, rounding to nearest; None if a value is not finite after conversion.
+    pub fn encode(self, data: &[f32]) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(data.len() * self.size());
+        for &v in data {
+            let finite = match self {
+                DType::F32 => {
+                    out.extend_from_slice(&v.to_le_bytes());
+                    v.is_finite()
+                }
+                DType::F16 => {
+                    let h = half::f16::from_f32(v);
+                    out.extend_from_slice(&h.to_le_bytes());
+                    h.is_finite()
+                }
+                DType::BF16 => {
+                    let h = half::bf16::from_f32(v);
+                    out.extend_from_slice(&h.to_le_bytes());
+                    h.is_finite()
+                }
+            };
+            if !finite {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
     /// The dtype's name in a safetensors header.
     pub fn name(self) -> &'static str {
         match self {
@@ -20,7 +47,7 @@ impl DType {
         }
     }
 
-    pub(crate) fn from_name(name: &str) -> Option<Self> {
+    pub fn from_name(name: &str) -> Option<Self> {
         [DType::F32, DType::F16, DType::BF16].into_iter().find(|d| d.name() == name)
     }
 

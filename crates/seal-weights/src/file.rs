@@ -63,6 +63,28 @@ impl ByteSource for DiskFile {
     }
 }
 
+/// The beginning of a safetensors file whose tensors, all of `dtype`, follow in the order of
+/// `entries` (key, shape): the header length and the JSON header, padded with spaces to 8 bytes
+/// as the reference writer does (so the data is aligned). Writing a file is this, then each
+/// tensor's bytes, so a large file can be written a tensor at a time.
+pub fn safetensors_head(dtype: DType, entries: &[(&str, &[usize])], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
+    let mut offset = 0;
+    for (key, shape) in entries {
+        let len = shape.iter().product::<usize>() * dtype.size();
+        header.insert(key.to_string(), serde_json::json!({ "dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + len] }));
+        offset += len;
+    }
+    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out
+}
+
 /// What the header says about a float tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {

@@ -23,5 +23,5 @@ mod testutil;
 pub use component::Component;
 pub use dtype::DType;
 pub use error::WeightError;
-pub use file::{ByteSource, DiskFile, Tensor32, TensorInfo, WeightFile};
+pub use file::{ByteSource, DiskFile, Tensor32, TensorInfo, WeightFile, safetensors_head};
 pub use ldm::{SingleFile, split_single_file};

@@ -135,7 +135,7 @@ impl Tensors {
     /// Refuses values that are not finite in the dtype (an f16 overflow becomes infinite).
     fn add(&mut self, target: &LoraTarget, key: String, shape: &[usize], data: &[f32]) -> Result<(), LoraError> {
         let bytes =
-            encode(self.dtype, data).ok_or_else(|| LoraError::Module { target: target.to_string(), reason: format!("{key} has values that are not finite in {}", self.dtype) })?;
+            self.dtype.encode(data).ok_or_else(|| LoraError::Module { target: target.to_string(), reason: format!("{key} has values that are not finite in {}", self.dtype) })?;
         self.tensors.insert(key, (shape.to_vec(), bytes));
         Ok(())
     }
@@ -143,59 +143,13 @@ impl Tensors {
     /// The safetensors layout: header length, JSON header padded with spaces to 8 bytes (as
     /// the reference writer does, so the data is aligned), data in key order.
     fn serialize(self, metadata: &BTreeMap<String, String>) -> Vec<u8> {
-        let mut header = Map::new();
-        if !metadata.is_empty() {
-            header.insert("__metadata__".into(), json!(metadata));
-        }
-        let mut offset = 0;
-        for (key, (shape, bytes)) in &self.tensors {
-            header.insert(
-                key.clone(),
-                json!({
-                    "dtype": self.dtype.name(),
-                    "shape": shape,
-                    "data_offsets": [offset, offset + bytes.len()],
-                }),
-            );
-            offset += bytes.len();
-        }
-        let mut header = Value::Object(header).to_string().into_bytes();
-        header.resize(header.len().next_multiple_of(8), b' ');
-        let mut out = Vec::with_capacity(8 + header.len() + offset);
-        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        out.extend_from_slice(&header);
+        let entries: Vec<(&str, &[usize])> = self.tensors.iter().map(|(k, (shape, _))| (k.as_str(), shape.as_slice())).collect();
+        let mut out = crate::safetensors_head(self.dtype, &entries, metadata);
         for (_, bytes) in self.tensors.values() {
             out.extend_from_slice(bytes);
         }
         out
     }
-}
-
-/// Little-endian bytes, rounding to nearest; None if a value is not finite after conversion.
-fn encode(dtype: DType, data: &[f32]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(data.len() * dtype.size());
-    for &v in data {
-        let finite = match dtype {
-            DType::F32 => {
-                out.extend_from_slice(&v.to_le_bytes());
-                v.is_finite()
-            }
-            DType::F16 => {
-                let h = half::f16::from_f32(v);
-                out.extend_from_slice(&h.to_le_bytes());
-                h.is_finite()
-            }
-            DType::BF16 => {
-                let h = half::bf16::from_f32(v);
-                out.extend_from_slice(&h.to_le_bytes());
-                h.is_finite()
-            }
-        };
-        if !finite {
-            return None;
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -204,13 +158,13 @@ mod tests {
 
     #[test]
     fn encodes_each_dtype_and_refuses_overflow() {
-        assert_eq!(encode(DType::F32, &[1.5]), Some(1.5f32.to_le_bytes().to_vec()));
-        assert_eq!(encode(DType::F16, &[1.0, -2.0]), Some(vec![0x00, 0x3c, 0x00, 0xc0]));
-        assert_eq!(encode(DType::BF16, &[1.0]), Some(vec![0x80, 0x3f]));
-        assert_eq!(encode(DType::F16, &[70000.0]), None);
-        assert_eq!(encode(DType::BF16, &[f32::MAX]), None);
-        assert_eq!(encode(DType::F32, &[f32::NAN]), None);
-        assert_eq!(encode(DType::F16, &[f32::NAN]), None);
+        assert_eq!(DType::F32.encode(&[1.5]), Some(1.5f32.to_le_bytes().to_vec()));
+        assert_eq!(DType::F16.encode(&[1.0, -2.0]), Some(vec![0x00, 0x3c, 0x00, 0xc0]));
+        assert_eq!(DType::BF16.encode(&[1.0]), Some(vec![0x80, 0x3f]));
+        assert_eq!(DType::F16.encode(&[70000.0]), None);
+        assert_eq!(DType::BF16.encode(&[f32::MAX]), None);
+        assert_eq!(DType::F32.encode(&[f32::NAN]), None);
+        assert_eq!(DType::F16.encode(&[f32::NAN]), None);
     }
 
     #[test]
