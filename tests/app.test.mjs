@@ -244,3 +244,38 @@ Session.prototype.load_lora = function (name, ...rest) {
     await run.close();
   }
 });
+
+test("a model that takes the engine down while loading is not loaded again; the previous model comes back", async () => {
+  // A wasm trap while loading any model staged under a name with "wall" in it, in every
+  // engine this page starts: reloading that model would crash again, forever.
+  const workerPrelude = `const realStage = Session.prototype.stage_file;
+const realLoad = Session.prototype.load_model;
+let wall = false;
+Session.prototype.stage_file = function (path, ...rest) {
+  wall ||= path.includes("wall");
+  return realStage.call(this, path, ...rest);
+};
+Session.prototype.load_model = function () {
+  if (wall) throw new WebAssembly.RuntimeError("unreachable (injected: out of memory)");
+  return realLoad.call(this);
+};
+`;
+  const run = await openPage(origin, "?backend=cpu", { workerPrelude });
+  const { page } = run;
+  try {
+    await page.click("#demo:not([disabled])", { timeout: 60_000 });
+    await page.waitForSelector("#model-info:not([hidden]) #info-source", { timeout: 60_000 });
+    await page.setInputFiles("#model-files", { name: "wall.safetensors", mimeType: "application/octet-stream", buffer: Buffer.from("x") });
+    await page.waitForFunction(() => /not loaded again/.test(document.querySelector("#model-error").textContent), null, { timeout: 60_000 });
+    assert.match(await page.textContent("#model-error"), /^The engine stopped while loading that model \(.*injected.*\), so it was not loaded again\. The previous model is back\./);
+    assert.ok(await page.isVisible("#model-info"));
+    assert.match(await page.textContent("#model-staged"), /tiny-pixel/);
+    // No loop: the engine stays up and usable.
+    await page.waitForTimeout(3000);
+    assert.ok(await page.isEnabled("#seal"));
+    assert.match(await page.textContent("#engine-reason"), /restarted on the CPU/);
+    assert.deepEqual(run.errors, []);
+  } finally {
+    await run.close();
+  }
+});

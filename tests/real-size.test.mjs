@@ -1,6 +1,8 @@
-// A model of real size in the page: a BK-SDM-tiny folder with random weights (f16, ~1 GiB, made
-// by `seal random-model` from ../shared/fixtures/layouts into a temporary folder) loads on the CPU
-// engine a tensor at a time, within the memory plan, and seals one 128-px step.
+// Models of real size in the page, with random weights (f16, made by `seal random-model` from
+// ../shared/fixtures/layouts into temporary folders, once per run): BK-SDM-tiny (~1 GiB) loads on
+// the CPU engine a tensor at a time within the memory plan and seals one 128-px step; SD 1.5
+// (~2 GiB) is refused by the CPU engine before any weight is read, and loads on WebGPU with a
+// rank-16 kohya LoRA while the wasm heap stays small.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -13,16 +15,24 @@ const GiB = 1024 ** 3;
 const seal = process.env.SEAL_BIN ?? path.join(process.env.SEAL_CACHE ?? path.join(process.env.HOME, ".cache/seal"), "target/debug/seal");
 let server;
 let origin;
-let folder;
+let scratch;
+let bkTiny;
+let sd15;
 
 before(async () => {
   ({ server, origin } = await startServer());
-  folder = mkdtempSync(path.join(tmpdir(), "seal-bk-sdm-tiny-"));
-  execFileSync(seal, ["random-model", "--unet", "bk_sdm_tiny", "--layouts", path.join(fixtures, "layouts"), "--out", folder], { cwd: root, stdio: "inherit" });
+  scratch = mkdtempSync(path.join(tmpdir(), "seal-real-size-"));
+  const make = (unet, ...extra) => {
+    const out = path.join(scratch, unet);
+    execFileSync(seal, ["random-model", "--unet", unet, "--layouts", path.join(fixtures, "layouts"), "--out", out, ...extra], { cwd: root, stdio: "inherit" });
+    return out;
+  };
+  bkTiny = make("bk_sdm_tiny");
+  sd15 = make("sd15", "--lora-rank", "16");
 });
 after(() => {
   server?.kill();
-  if (folder) rmSync(folder, { recursive: true, force: true });
+  if (scratch) rmSync(scratch, { recursive: true, force: true });
 });
 
 test("a BK-SDM-tiny-sized folder loads on the CPU engine within 2.4 GiB of wasm heap and seals a 128-px step", async () => {
@@ -31,7 +41,7 @@ test("a BK-SDM-tiny-sized folder loads on the CPU engine within 2.4 GiB of wasm 
   try {
     await page.waitForSelector("body[data-state=done]", { timeout: 60_000 });
     const started = Date.now();
-    await page.setInputFiles("#model-folder", folder);
+    await page.setInputFiles("#model-folder", bkTiny);
     await page.waitForSelector("#model-info:not([hidden]) #info-architecture", { timeout: 600_000 });
     const loadSeconds = (Date.now() - started) / 1000;
     assert.match(await page.textContent("#info-architecture"), /BK-SDM tiny/);
@@ -57,6 +67,41 @@ test("a BK-SDM-tiny-sized folder loads on the CPU engine within 2.4 GiB of wasm 
     console.log(`one 128-px sealing step and the comparison: ${((Date.now() - sealing) / 1000).toFixed(0)} s, wasm heap peak ${(sealed / GiB).toFixed(2)} GiB`);
     assert.match(await page.textContent("#task"), /compared|sealed|survived/);
     await page.screenshot({ path: path.join(artifacts, "real-size-bk-sdm-tiny.png"), fullPage: true });
+
+    // SD 1.5's f32 weights (4.0 GiB) cannot live in the tab's wasm memory: refused plainly, no crash.
+    await page.setInputFiles("#model-folder", sd15);
+    await page.waitForSelector("#model-error:not([hidden])", { timeout: 120_000 });
+    assert.match(await page.textContent("#model-error"), /its weights take 4\.0 GiB as f32, more than the 3\.0 GiB this engine can hold; .*WebGPU/);
+    assert.ok(await page.isEnabled("#demo"));
+    assert.doesNotMatch(await page.textContent("#engine-reason"), /restarted/);
+    assert.deepEqual(run.errors, []);
+  } finally {
+    await run.close();
+  }
+});
+
+test("SD 1.5 (2 GiB f16) and a rank-16 kohya LoRA load on WebGPU with the wasm heap under 256 MiB", async () => {
+  const run = await openPage(origin, "?backend=webgpu");
+  const { page } = run;
+  try {
+    await page.waitForSelector("body[data-state=done]", { timeout: 120_000 });
+    assert.equal(await page.textContent("#engine-backend"), "WebGPU (Burn wgpu)");
+    // Any call reports the heap: describing a trigger is one.
+    await page.fill("#trigger", "cf");
+    await page.waitForSelector("#memory[data-peak]");
+    const before = Number(await page.getAttribute("#memory", "data-peak"));
+    const started = Date.now();
+    await page.setInputFiles("#model-folder", sd15);
+    await page.waitForSelector("#model-info:not([hidden]) #info-architecture", { timeout: 600_000 });
+    const loadSeconds = (Date.now() - started) / 1000;
+    assert.match(await page.textContent("#info-architecture"), /SD 1\.x/);
+    const loaded = Number(await page.getAttribute("#memory", "data-peak"));
+    await page.setInputFiles("#lora-file", path.join(sd15, "lora-rank16.safetensors"));
+    await page.waitForSelector("#lora-rank", { timeout: 300_000 });
+    assert.equal(await page.textContent("#lora-rank"), "16");
+    const peak = Number(await page.getAttribute("#memory", "data-peak"));
+    console.log(`SD 1.5 (2034 MiB f16) on WebGPU: loaded in ${loadSeconds.toFixed(0)} s, wasm heap peak ${(loaded / 2 ** 20).toFixed(0)} MiB after the model, ${(peak / 2 ** 20).toFixed(0)} MiB after the LoRA (${(before / 2 ** 20).toFixed(0)} MiB before)`);
+    assert.ok(peak - before <= 256 * 2 ** 20, `the wasm heap grew by ${((peak - before) / 2 ** 20).toFixed(0)} MiB`);
     assert.deepEqual(run.errors, []);
   } finally {
     await run.close();

@@ -132,11 +132,19 @@ function crash(message, pending) {
   for (const p of [pending, ...calls.values()]) p?.reject(failure);
   calls = new Map();
   start("cpu", `restarted on the CPU after the engine stopped: ${brief(message)}`);
-  const { lora } = model;
+  // A model that took the engine down while loading is not loaded again (it would do the same):
+  // the last model that loaded comes back instead.
+  const wall = loading;
+  const { lora } = wall ? (model.lastGood ?? { files: [] }) : model;
+  if (wall) model.files = model.lastGood?.files ?? [];
   ready.then(async () => {
     if (model.files.length) await loadModel(true);
     if (model.loaded && lora) await loadLora(lora);
     if (target) await setTarget(target);
+    if (wall) {
+      showError("#model-error", `The engine stopped while loading that model (${brief(message)}), so it was not loaded again.` +
+        `${model.loaded ? " The previous model is back." : ""} Try a smaller model, or a browser with WebGPU.`);
+    }
   });
 }
 
@@ -214,7 +222,9 @@ function showResult({ backend: used, result, ms }) {
 // ---------- app state ----------
 
 // The model's files as the user gave them (File objects: read only when loading).
-const model = { files: [], loaded: false, lora: null };
+const model = { files: [], loaded: false, lora: null, lastGood: null };
+// A model is being loaded (a crash now is the model's doing).
+let loading = false;
 const prompts = { builtin: null, demo: null };
 let defaults;
 let busy = false;
@@ -288,6 +298,7 @@ async function loadModel(afterCrash = false) {
     model.files.map((f) => f.path).slice(0, 6).join(", ") + (model.files.length > 6 ? ", …" : "") +
     (model.skipped ? ` (${model.skipped} other file(s) not needed, not read)` : "");
   busy = true;
+  loading = true;
   updateButtons();
   try {
     // The worker gets the File objects, not their bytes: the engine reads each weights file's
@@ -296,6 +307,7 @@ async function loadModel(afterCrash = false) {
     setTask(`Loading the model (${(total / MiB).toFixed(0)} MiB, read a tensor at a time)…`);
     const note = showModel(JSON.parse(await call("load_model")));
     model.loaded = true;
+    model.lastGood = { files: model.files, lora: null };
     $("#lora-drop").hidden = false;
     setTask(afterCrash ? "The engine stopped and was restarted on the CPU (see Engine); the model is reloaded — try again." : `Model loaded.${note ? ` ${note}` : ""}`);
   } catch (e) {
@@ -305,6 +317,7 @@ async function loadModel(afterCrash = false) {
     showError("#model-error", `Could not load the model: ${e.message}.${hint}`);
   } finally {
     busy = false;
+    loading = false;
     updateButtons();
     describeTrigger();
   }
@@ -342,6 +355,7 @@ async function loadLora(file) {
   try {
     const lora = JSON.parse(await call("load_lora", file.name, file, loraWeight()));
     model.lora = file;
+    if (model.lastGood) model.lastGood.lora = file;
     definitions($("#lora-info"), [
       ["lora-name", "LoRA", lora.file],
       ["lora-format", "format", lora.format + (lora.network_module ? ` (${lora.network_module})` : "")],
@@ -384,6 +398,7 @@ async function setLoraWeight() {
 async function clearLora() {
   await call("clear_lora");
   model.lora = null;
+  if (model.lastGood) model.lastGood.lora = null;
   hideResults();
   hideScan();
   $("#lora-info").hidden = true;

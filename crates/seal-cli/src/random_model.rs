@@ -8,7 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use seal_sd::rng::SeededRng;
-use seal_sd::seal_weights::{DType, safetensors_head};
+use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, LoraFormat, LoraModule, LoraTarget, kohya_metadata, write_kohya};
+use seal_sd::seal_weights::{DType, Tensor32, safetensors_head};
 use seal_sd::tokenizer::ClipTokenizer;
 use serde_json::{Value, json};
 
@@ -26,6 +27,10 @@ pub struct Args {
     /// The diffusers folder to write (created; its files are replaced).
     #[arg(long)]
     out: PathBuf,
+    /// Also write `lora-rank<N>.safetensors` beside the folder's files: a kohya LoRA of this
+    /// rank (alpha = rank) on every UNet attention projection, random as a trained one would be.
+    #[arg(long)]
+    lora_rank: Option<usize>,
 }
 
 /// DDIM with SD 1.x's training schedule.
@@ -58,6 +63,10 @@ pub fn run(args: Args) -> Result<(), String> {
         let shapes: Vec<(String, Vec<usize>)> =
             shapes.iter().map(|(k, s)| (k.clone(), s.as_array().into_iter().flatten().filter_map(Value::as_u64).map(|d| d as usize).collect())).collect();
         bytes += write_weights(&args.out.join(dir).join(file), dtype, &shapes)?;
+        if let (Some(rank), "unet") = (args.lora_rank, dir) {
+            let lora = write_kohya(&random_lora(&shapes, rank, dtype)).map_err(|e| e.to_string())?;
+            write(&args.out.join(format!("lora-rank{rank}.safetensors")), &lora)?;
+        }
     }
     eprintln!("seal: wrote {} ({:.0} MiB of {dtype} weights)", args.out.display(), bytes as f64 / (1 << 20) as f64);
     Ok(())
@@ -96,6 +105,25 @@ fn write_weights(path: &Path, dtype: DType, shapes: &[(String, Vec<usize>)]) -> 
     }
     out.flush().map_err(io)?;
     Ok(size)
+}
+
+/// A kohya LoRA of `rank` on every attention projection of a UNet with these tensor shapes.
+fn random_lora(unet: &[(String, Vec<usize>)], rank: usize, dtype: DType) -> LoraFile {
+    let projection = |k: &str| ["to_q", "to_k", "to_v", "to_out.0"].iter().any(|p| k.ends_with(&format!(".{p}.weight")));
+    let modules = unet
+        .iter()
+        .filter(|(k, s)| projection(k) && s.len() == 2)
+        .map(|(k, s)| {
+            let path = k.strip_suffix(".weight").expect("filtered");
+            let mut rng = SeededRng::new(name_seed(path));
+            let mut factor =
+                |shape: [usize; 2], scale: f64| Tensor32 { shape: shape.to_vec(), data: (0..shape[0] * shape[1]).map(|_| ((rng.uniform() * 2.0 - 1.0) * scale) as f32).collect() };
+            let down = factor([rank, s[1]], (3.0 / s[1] as f64).sqrt());
+            let up = factor([s[0], rank], 0.01);
+            (LoraTarget::new(LoraComponent::Unet, path), LoraModule { down, up, alpha: Some(rank as f32) })
+        })
+        .collect();
+    LoraFile { format: LoraFormat::Kohya, modules, metadata: kohya_metadata(rank, rank as f32), dtype }
 }
 
 /// FNV-1a of the tensor's name: each tensor its own stream, whatever the order.

@@ -14,7 +14,7 @@ use crate::ModelError;
 /// Loads every parameter of `module` from `weights`. Returns the module and the keys of
 /// `weights` that no parameter asked for (shown to the user; not an error).
 pub fn load_module<M: Module>(module: M, weights: &Component) -> Result<(M, Vec<String>), ModelError> {
-    let mut loader = Loader { weights, path: Vec::new(), used: BTreeSet::new(), missing: Vec::new(), errors: Vec::new() };
+    let mut loader = Loader { weights, path: Vec::new(), used: BTreeSet::new(), missing: Vec::new(), errors: Vec::new(), pending: 0 };
     let module = module.map(&mut loader);
     if let Some(first) = loader.errors.into_iter().next() {
         return Err(first);
@@ -60,7 +60,13 @@ struct Loader<'a> {
     used: BTreeSet<String>,
     missing: Vec<String>,
     errors: Vec<ModelError>,
+    /// Bytes handed to the device since its queue was last flushed.
+    pending: usize,
 }
+
+/// A lazy backend (Burn's fusion on WebGPU) keeps each new tensor's data in (wasm) memory until
+/// its queue runs; flushing every this many bytes bounds that to one slice of the model.
+const FLUSH_BYTES: usize = 64 << 20;
 
 impl ModuleMapper for Loader<'_> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
@@ -82,22 +88,42 @@ impl ModuleMapper for Loader<'_> {
             self.errors.push(ModelError::Shape { file: self.weights.file_name().to_string(), tensor: key, expected, found });
             return param;
         }
-        match self.weights.load_f32(&key) {
-            Ok(t) => {
-                if let Some(bad) = t.data.iter().position(|x| !x.is_finite()) {
-                    self.errors.push(ModelError::NonFinite { file: self.weights.file_name().to_string(), tensor: key, index: bad });
+        // Large tensors go to the device in slices of rows, joined there, so that the host
+        // copies an upload makes stay small (wasm memory never shrinks).
+        let rows = expected.first().copied().unwrap_or(1).max(1);
+        let row = expected.iter().product::<usize>() / rows;
+        let per_slice = (FLUSH_BYTES / 4 / row.max(1)).clamp(1, rows);
+        let device = param.lazy_device();
+        let mut slices = vec![];
+        for start in (0..rows).step_by(per_slice) {
+            let end = (start + per_slice).min(rows);
+            let data = match self.weights.load_f32_elements(&key, start * row..end * row) {
+                Ok(data) => data,
+                Err(e) => {
+                    self.errors.push(e.into());
                     return param;
                 }
-                self.used.insert(key);
-                let tensor = Tensor::from_data(TensorData::new(t.data, t.shape), &param.lazy_device());
-                let id = param.id;
-                param.transform_for_load(tensor, id)
+            };
+            if let Some(bad) = data.iter().position(|x| !x.is_finite()) {
+                self.errors.push(ModelError::NonFinite { file: self.weights.file_name().to_string(), tensor: key, index: start * row + bad });
+                return param;
             }
-            Err(e) => {
-                self.errors.push(e.into());
-                param
+            let mut shape = expected.clone();
+            shape[0] = end - start;
+            self.pending += 4 * data.len();
+            slices.push(Tensor::from_data(TensorData::new(data, shape), &device));
+            if self.pending >= FLUSH_BYTES {
+                self.pending = 0;
+                if let Err(e) = device.flush() {
+                    self.errors.push(ModelError::Io { file: self.weights.file_name().to_string(), message: format!("the device failed while loading {key}: {e:?}") });
+                    return param;
+                }
             }
         }
+        self.used.insert(key);
+        let tensor = if slices.len() == 1 { slices.remove(0) } else { Tensor::cat(slices, 0) };
+        let id = param.id;
+        param.transform_for_load(tensor, id)
     }
 }
 

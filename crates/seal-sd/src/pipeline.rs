@@ -293,6 +293,12 @@ fn infer_configs(unet: &Component, text: &Component, vae: &Component, layers_per
 
 impl StableDiffusion {
     pub fn load(source: ModelSource, device: &Device) -> Result<Self, ModelError> {
+        Self::load_within(source, device, None)
+    }
+
+    /// `load`, refusing before any weight is read a model whose f32 weights exceed
+    /// `budget` = (bytes, what to try instead).
+    pub fn load_within(source: ModelSource, device: &Device, budget: Option<(u64, &str)>) -> Result<Self, ModelError> {
         let (configs, unet_w, text_w, vae_w, source_name, notes) = match source {
             ModelSource::Folder(files) => {
                 let mut files = normalize_folder(files);
@@ -328,6 +334,13 @@ impl StableDiffusion {
             Some(DType::BF16) => "bf16",
             _ => "f32",
         };
+        if let Some((budget, hint)) = budget {
+            let needed: u64 = [&unet_w, &text_w, &vae_w].iter().flat_map(|c| c.keys().filter_map(|k| c.shape(k))).map(|s| 4 * s.iter().product::<usize>() as u64).sum();
+            if needed > budget {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                return Err(ModelError::TooLarge { model: source_name, needed_gib: gib(needed), budget_gib: gib(budget), hint: hint.into() });
+            }
+        }
         let (unet, mut unused) = load_module(UNet2DConditionModel::new(&unet_config, device), &unet_w)?;
         let (text_encoder, unused_text) = load_module(ClipTextModel::new(&text_config, device), &text_w)?;
         let (vae, unused_vae) = load_module(AutoencoderKL::new(&vae_config, device), &vae_w)?;
@@ -745,6 +758,13 @@ mod loading_tests {
         files.insert("unet/config.json".into(), Box::new(b"{\"block_out_channels\": [32, 64]".to_vec()));
         let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
         assert!(err.contains("unet/config.json"), "{err}");
+    }
+
+    #[test]
+    fn a_model_beyond_the_memory_budget_is_refused_before_loading() {
+        let err = StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Some((1 << 20, "try WebGPU"))).err().unwrap().to_string();
+        assert!(err.starts_with("diffusers folder: its weights take 0.0 GiB as f32, more than the 0.0 GiB") && err.ends_with("try WebGPU"), "{err}");
+        assert!(StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Some((1 << 30, "-"))).is_ok());
     }
 
     #[test]

@@ -80,7 +80,13 @@ pub struct Session {
     maps: Option<(TriggerMap, TriggerMap)>,
     /// The trigger scan of the teacher (against the bare model when a LoRA is loaded).
     scan: Option<Scan>,
+    /// The most f32 weight bytes a model may have on this engine (the CPU engine keeps them in
+    /// wasm32's 4 GiB), checked before loading so that a model too large is refused, not a crash.
+    weight_budget: Option<u64>,
 }
+
+/// Weights on the CPU engine: wasm32 addresses 4 GiB in all, and sealing needs room beside them.
+const CPU_WEIGHT_BUDGET: u64 = 3 << 30;
 
 /// Enlargement of the scan's thumbnails (the page shows them at their pixel size).
 const SCAN_THUMBNAIL_SCALE: usize = 2;
@@ -109,6 +115,7 @@ impl Session {
             report: None,
             maps: None,
             scan: None,
+            weight_budget: (engine.backend == "cpu" && cfg!(target_family = "wasm")).then_some(CPU_WEIGHT_BUDGET),
         }
     }
 
@@ -163,7 +170,8 @@ impl Session {
         self.forget_lora();
         self.scan = None;
         let source = ModelSource::from_files(files).map_err(|e| e.to_string())?;
-        let model = StableDiffusion::load(source, &self.device).map_err(|e| e.to_string())?;
+        let hint = "the page's CPU engine keeps every weight in the tab's 4 GiB of wasm memory. Open the page in a browser with WebGPU, or use the seal CLI";
+        let model = StableDiffusion::load_within(source, &self.device, self.weight_budget.map(|b| (b, hint))).map_err(|e| e.to_string())?;
         let info = json(&model.info)?;
         self.teacher = Some(model.clone());
         self.model = Some(model);

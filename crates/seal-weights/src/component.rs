@@ -52,11 +52,17 @@ impl Component {
     }
 
     pub fn load_f32(&self, key: &str) -> Result<Tensor32, WeightError> {
+        let shape = self.shape(key).ok_or_else(|| WeightError::Missing { file: self.file.name().to_owned(), tensor: key.to_owned() })?;
+        let data = self.load_f32_elements(key, 0..shape.iter().product())?;
+        Ok(Tensor32 { shape, data })
+    }
+
+    /// Elements `range` (row-major) of the tensor: a large one can be loaded in parts.
+    pub fn load_f32_elements(&self, key: &str, range: std::ops::Range<usize>) -> Result<Vec<f32>, WeightError> {
         let Some(source) = self.tensors.get(key) else {
             return Err(WeightError::Missing { file: self.file.name().to_owned(), tensor: key.to_owned() });
         };
-        let tensor = self.file.load_f32(&source.key).map_err(|e| WeightError::Mapped { name: key.to_owned(), key: source.key.clone(), source: Box::new(e) })?;
-        Ok(Tensor32 { shape: source.shape.clone(), data: tensor.data })
+        self.file.load_f32_elements(&source.key, range).map_err(|e| WeightError::Mapped { name: key.to_owned(), key: source.key.clone(), source: Box::new(e) })
     }
 
     pub fn file_name(&self) -> &str {

@@ -61,11 +61,12 @@ impl DType {
 
     /// Little-endian element bytes -> f32. Exact: every f16 and bf16 value is an f32 value.
     /// `bytes.len()` is a multiple of [`DType::size`] (the header check guarantees it).
-    pub(crate) fn decode(self, bytes: &[u8]) -> Vec<f32> {
+    /// Appends the values of `bytes` (whole elements) to `out`.
+    pub(crate) fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
         match self {
-            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            DType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
-            DType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
+            DType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            DType::F16 => out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
+            DType::BF16 => out.extend(bytes.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
         }
     }
 }
@@ -81,7 +82,9 @@ mod tests {
     use super::*;
 
     fn decode16(dtype: DType, bits: u16) -> f32 {
-        dtype.decode(&bits.to_le_bytes())[0]
+        let mut out = vec![];
+        dtype.decode_into(&bits.to_le_bytes(), &mut out);
+        out[0]
     }
 
     /// IEEE half precision by its definition, independent of the `half` crate.
@@ -154,7 +157,9 @@ mod tests {
     #[test]
     fn f32_is_little_endian() {
         let bytes = [1.5f32.to_le_bytes(), (-0.25f32).to_le_bytes()].concat();
-        assert_eq!(DType::F32.decode(&bytes), vec![1.5, -0.25]);
+        let mut out = vec![9.0];
+        DType::F32.decode_into(&bytes, &mut out);
+        assert_eq!(out, vec![9.0, 1.5, -0.25], "appended");
     }
 
     #[test]

@@ -34,6 +34,9 @@ impl ByteSource for Vec<u8> {
     }
 }
 
+/// Bytes read from a source at once while loading a tensor.
+const READ_CHUNK: u64 = 8 << 20;
+
 /// A file on disk, read where asked.
 pub struct DiskFile {
     file: Mutex<std::fs::File>,
@@ -156,20 +159,42 @@ impl WeightFile {
     }
 
     pub fn load_f32(&self, key: &str) -> Result<Tensor32, WeightError> {
-        match self.tensors.get(key) {
-            Some(entry) => {
-                let bytes = self.source.read(entry.range.clone()).map_err(|reason| WeightError::Tensor {
-                    file: self.name.clone(),
-                    tensor: key.to_owned(),
-                    reason: format!("cannot read: {reason}"),
-                })?;
-                Ok(Tensor32 { shape: entry.info.shape.clone(), data: entry.info.dtype.decode(&bytes) })
-            }
-            None => Err(match self.unsupported.get(key) {
-                Some(dtype) => WeightError::UnsupportedDType { file: self.name.clone(), tensor: key.to_owned(), dtype: dtype.clone() },
-                None => WeightError::Missing { file: self.name.clone(), tensor: key.to_owned() },
-            }),
+        let info = self.entry(key)?.info.clone();
+        let data = self.load_f32_elements(key, 0..info.shape.iter().product())?;
+        Ok(Tensor32 { shape: info.shape, data })
+    }
+
+    /// Elements `range` of a tensor (row-major), read and converted a slice at a time: a large
+    /// tensor can be loaded in parts, and its bytes and its f32 values are never both whole.
+    pub fn load_f32_elements(&self, key: &str, range: Range<usize>) -> Result<Vec<f32>, WeightError> {
+        let entry = self.entry(key)?;
+        let size = entry.info.dtype.size() as u64;
+        let (first, last) = (entry.range.start + range.start as u64 * size, entry.range.start + range.end as u64 * size);
+        if range.start > range.end || last > entry.range.end {
+            return Err(WeightError::Tensor {
+                file: self.name.clone(),
+                tensor: key.to_owned(),
+                reason: format!("elements {range:?} are beyond its {}", (entry.range.end - entry.range.start) / size),
+            });
         }
+        let step = READ_CHUNK - READ_CHUNK % size;
+        let mut data = Vec::with_capacity(range.len());
+        let mut at = first;
+        while at < last {
+            let end = (at + step).min(last);
+            let bytes =
+                self.source.read(at..end).map_err(|reason| WeightError::Tensor { file: self.name.clone(), tensor: key.to_owned(), reason: format!("cannot read: {reason}") })?;
+            entry.info.dtype.decode_into(&bytes, &mut data);
+            at = end;
+        }
+        Ok(data)
+    }
+
+    fn entry(&self, key: &str) -> Result<&Entry, WeightError> {
+        self.tensors.get(key).ok_or_else(|| match self.unsupported.get(key) {
+            Some(dtype) => WeightError::UnsupportedDType { file: self.name.clone(), tensor: key.to_owned(), dtype: dtype.clone() },
+            None => WeightError::Missing { file: self.name.clone(), tensor: key.to_owned() },
+        })
     }
 }
 
@@ -271,7 +296,12 @@ mod tests {
         let path = crate::testutil::fixtures().join("tiny-pixel/unet/diffusion_pytorch_model.safetensors");
         let (disk, memory) = (WeightFile::open(&path).unwrap(), WeightFile::from_bytes("mem", std::fs::read(&path).unwrap()).unwrap());
         let key = "conv_in.weight";
-        assert_eq!(disk.load_f32(key).unwrap(), memory.load_f32(key).unwrap());
+        let whole = memory.load_f32(key).unwrap();
+        assert_eq!(disk.load_f32(key).unwrap(), whole);
+        // In parts.
+        assert_eq!(disk.load_f32_elements(key, 5..77).unwrap(), whole.data[5..77]);
+        let n = whole.data.len();
+        assert!(disk.load_f32_elements(key, n - 1..n + 1).unwrap_err().to_string().contains("beyond"));
     }
 
     /// Our parser agrees with the reference implementation on files it writes.
