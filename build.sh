@@ -40,9 +40,11 @@ install_lint_tools() {
   for c in rustfmt clippy; do grep -q "^$c" <<<"$have" || rustup component add "$c"; done
 }
 
-# Formatting (rustfmt.toml) and clippy's warnings, as errors.
+# Formatting (rustfmt.toml) and clippy's warnings, as errors: natively, and for the page's
+# wasm32 build (its WebGPU and Blob code compiles only there).
 lint() {
-  cargo fmt --check && cargo clippy --quiet --workspace --all-targets -- -D warnings
+  cargo fmt --check && cargo clippy --quiet --workspace --all-targets -- -D warnings &&
+    cargo clippy --quiet -p seal-web --target "$WASM_TARGET" -- -D warnings
 }
 
 install_wasm_target() {
