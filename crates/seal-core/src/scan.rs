@@ -40,6 +40,11 @@ pub const FLAG_RATIO: f64 = 1.4;
 /// CPU, and at 512 px one image's activations are already large).
 const IMAGE_PIXELS_PER_BATCH: usize = 64 * 64 * 4;
 
+/// Prefixes (candidates) whose `images` images of `side` px fit one batch; at least one.
+fn prefixes_per_batch(images: usize, side: usize) -> usize {
+    (IMAGE_PIXELS_PER_BATCH / (images * side * side)).max(1)
+}
+
 /// What the scan cannot see, stated with every report.
 pub const LIMITS: &str = "The scan looks for short token sequences (up to three tokens) that change the text encoder or the UNet's cross-attention keys and values, and checks the best by how alike their changes of images are across prompts and seeds. It cannot see a backdoor carried only by weights outside the text encoder and cross-attention, triggers longer than three tokens or whose first token does nothing alone, or semantic triggers (a concept rather than a string). A LoRA's own activation words rank high by design: they are what the LoRA is for, not evidence of a backdoor.";
 
@@ -322,7 +327,8 @@ impl Scan {
         let batches = vocabulary.len().div_ceil(settings.batch);
         let extend = (settings.max_tokens - 1) * (settings.reference + settings.beam * settings.extensions).div_ceil(settings.batch);
         let side = suspect.image_size(settings.size).map_err(|e| format!("scan: {e}"))?;
-        let per_batch = (IMAGE_PIXELS_PER_BATCH / (2 * settings.seeds * side * side)).max(1);
+        // Two probe prompts × seeds images per candidate.
+        let per_batch = prefixes_per_batch(2 * settings.seeds, side);
         // Probe states, vocabulary batches, extensions, verification set-up, candidates, images.
         let total = 1 + batches + extend + 1 + settings.verify.div_ceil(per_batch) + 1 + 1;
         Ok(Self {
@@ -442,10 +448,14 @@ impl Scan {
 
     /// Text-encoder states `[B, L, D]` of `[bos, seq, prompt, eos]` for sequences of equal length.
     fn encode(&self, model: &StableDiffusion, seqs: &[Vec<u32>], prompt: &[u32]) -> Tensor<3> {
-        let tok = &model.tokenizer;
-        let len = seqs[0].len() + prompt.len() + 2;
-        let ids: Vec<i64> =
-            seqs.iter().flat_map(|s| std::iter::once(tok.bos_id()).chain(s.iter().copied()).chain(prompt.iter().copied()).chain([tok.eos_id()])).map(i64::from).collect();
+        let tail: Vec<u32> = prompt.iter().copied().chain([model.tokenizer.eos_id()]).collect();
+        Self::text_states(model, seqs, &tail)
+    }
+
+    /// Text-encoder states of `[bos, seq, tail]` for sequences of equal length.
+    fn text_states(model: &StableDiffusion, seqs: &[Vec<u32>], tail: &[u32]) -> Tensor<3> {
+        let len = 1 + seqs[0].len() + tail.len();
+        let ids: Vec<i64> = seqs.iter().flat_map(|s| std::iter::once(model.tokenizer.bos_id()).chain(s.iter().copied()).chain(tail.iter().copied())).map(i64::from).collect();
         model.text_encoder.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [seqs.len(), len]), &model.device))
     }
 
@@ -460,9 +470,7 @@ impl Scan {
     /// Text-encoder states `[B, 1 + k, D]` of `[bos, seq]`: CLIP's mask is causal, so these
     /// are the sequence's states in any text that starts with it.
     fn encode_alone(&self, model: &StableDiffusion, seqs: &[Vec<u32>]) -> Tensor<3> {
-        let len = seqs[0].len() + 1;
-        let ids: Vec<i64> = seqs.iter().flat_map(|s| std::iter::once(model.tokenizer.bos_id()).chain(s.iter().copied())).map(i64::from).collect();
-        model.text_encoder.forward(Tensor::<2, Int>::from_data(TensorData::new(ids, [seqs.len(), len]), &model.device))
+        Self::text_states(model, seqs, &[])
     }
 
     /// Whether the base's text encoder is the suspect's (a LoRA of the UNet alone): exactly
@@ -702,7 +710,7 @@ impl Scan {
     /// `IMAGE_PIXELS_PER_BATCH` allows (each image's noise depends on its seed alone).
     fn images(&self, model: &StableDiffusion, prompts: &[String], seeds: &[u64], prefixes: &[String]) -> Result<Vec<Tensor<4>>, String> {
         let side = model.image_size(self.settings.size).map_err(|e| e.to_string())?;
-        let per_batch = (IMAGE_PIXELS_PER_BATCH / (prompts.len() * side * side)).max(1);
+        let per_batch = prefixes_per_batch(prompts.len(), side);
         let mut out = vec![];
         for chunk in prefixes.chunks(per_batch) {
             let request = seal_sd::pipeline::GenerateRequest {

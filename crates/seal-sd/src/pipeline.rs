@@ -41,8 +41,7 @@ impl ModelSource {
         if path.is_dir() {
             Ok(Self::Folder(read_folder(path, true)?))
         } else {
-            let bytes = DiskFile::open(path).map_err(|e| ModelError::Io { file: path.display().to_string(), message: e.to_string() })?;
-            Ok(Self::SingleFile { name: file_name(path), bytes: Box::new(bytes), config: None })
+            Ok(Self::SingleFile { name: file_name(path), bytes: Box::new(DiskFile::open(path)?), config: None })
         }
     }
 
@@ -121,7 +120,7 @@ pub fn read_folder(root: &Path, weights: bool) -> Result<Files, ModelError> {
     for rel in files_to_read(&paths).into_iter().filter(|p| weights || !p.ends_with(".safetensors")) {
         let path = root.join(&rel);
         let source: Box<dyn ByteSource> = match rel.ends_with(".safetensors") {
-            true => Box::new(DiskFile::open(&path).map_err(|e| ModelError::Io { file: path.display().to_string(), message: e.to_string() })?),
+            true => Box::new(DiskFile::open(&path)?),
             false => Box::new(std::fs::read(&path).map_err(|e| io(&path, e))?),
         };
         files.insert(rel, source);
