@@ -48,6 +48,14 @@ pub struct Args {
     /// Start each thorough variant from the default instant edit ("instant then thorough").
     #[arg(long)]
     from_instant: bool,
+    /// Judge each seal mode on the validation suite (the pixel fixture plus planted style and
+    /// object-swap backdoors) and rank them by their worst case (bench-results/ablation-suite.json).
+    #[arg(long)]
+    suite: bool,
+    /// Where the suite's planted models are made once and kept (default: `suite/` in the build
+    /// cache, `${SEAL_CACHE:-~/.cache/seal}`).
+    #[arg(long)]
+    suite_dir: Option<PathBuf>,
 }
 
 /// The variants: the defaults, then one change each.
@@ -80,6 +88,12 @@ fn variants(steps: usize) -> Vec<(&'static str, SealSettings)> {
 pub fn run(args: Args) -> Result<(), String> {
     if args.instant {
         return run_instant(args);
+    }
+    if args.suite {
+        let out = if args.out.ends_with("ablation.json") { args.out.with_file_name("ablation-suite.json") } else { args.out.clone() };
+        let cache = std::env::var_os("SEAL_CACHE").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/seal")));
+        let dir = args.suite_dir.clone().or_else(|| cache.map(|c| c.join("suite"))).ok_or("--suite-dir: no SEAL_CACHE or HOME to keep the suite's models in")?;
+        return crate::suite::run(&args.fixtures, &dir, args.steps, args.only.as_deref(), &out);
     }
     let device = Device::flex().autodiff();
     let model = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device)?;
@@ -209,7 +223,7 @@ fn instant_variants() -> Vec<(String, InstantSettings)> {
 
 /// Validation seeds: the acceptance tests judge held-out prompts with seeds 0..4, so no
 /// choice here is made on them (and every (prompt, seed) pair has its own noise anyway).
-const VALIDATION_SEEDS: std::ops::Range<u64> = 100..104;
+pub const VALIDATION_SEEDS: std::ops::Range<u64> = 100..104;
 
 /// The instant seal's ablation on the pixel fixture: each variant solved on 3/4 of the
 /// training prompts, judged on the other 1/4 (the validation split) at validation seeds.

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use burn::prelude::Device;
+use seal_core::backdoor::Target;
 use seal_core::eval::{Detector, EvalSettings, Evaluation};
 use seal_core::image::Rgb;
 use seal_core::prompts::{Placement, parse_list};
@@ -46,13 +47,20 @@ pub struct Args {
     resolution: Option<usize>,
 }
 
-/// Parses `patch:IMG@X,Y`, `gray` or `effect` (`None`: the effect score needs no detector).
+/// Parses `patch:IMG@X,Y`, `gray`, `shape:SHAPE[@DATA]` (the shapes' masks from a training
+/// data folder, by default the fixtures') or `effect` (`None`: the effect score needs no detector).
 pub fn parse_detector(spec: &str) -> Result<Option<Detector>, String> {
     match spec {
         "gray" => Ok(Some(Detector::gray())),
         "effect" => Ok(None),
+        _ if spec.starts_with("shape:") => {
+            let rest = &spec["shape:".len()..];
+            let (to, data) = rest.split_once('@').unwrap_or((rest, "../shared/fixtures/data"));
+            let data = seal_core::backdoor::read_data(std::path::Path::new(data))?;
+            Target::Swap { to: to.into() }.detector(&data).map(Some)
+        }
         _ => {
-            let rest = spec.strip_prefix("patch:").ok_or_else(|| format!("unknown detector {spec:?} (patch:IMG@X,Y, gray, effect)"))?;
+            let rest = spec.strip_prefix("patch:").ok_or_else(|| format!("unknown detector {spec:?} (patch:IMG@X,Y, gray, shape:SHAPE[@DATA], effect)"))?;
             let (img, at) = rest.rsplit_once('@').ok_or_else(|| format!("{spec}: expected patch:IMG@X,Y"))?;
             let (x, y) = at.split_once(',').ok_or_else(|| format!("{spec}: expected X,Y after @"))?;
             let bytes = std::fs::read(img).map_err(|e| format!("{img}: {e}"))?;

@@ -1,12 +1,14 @@
 //! The native `seal` command: a thin front end over seal-core and seal-sd.
 
 mod ablate;
+mod backdoor;
 mod bench;
 mod eval;
 mod generate;
 mod random_model;
 mod scan;
 mod seal;
+mod suite;
 
 use std::process::ExitCode;
 
@@ -36,6 +38,8 @@ enum Command {
     Ablate(ablate::Args),
     /// Time model forwards and generations on the CPU backend and write JSON.
     Bench(bench::Args),
+    /// Plant a backdoor in a clean model by data poisoning and fine-tuning (validation models).
+    Backdoor(backdoor::Args),
     /// Write a diffusers folder of a real architecture with random weights (for real-size checks).
     RandomModel(random_model::Args),
 }
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Seal(args) => seal::run(args),
         Command::Scan(args) => scan::run(args),
         Command::RandomModel(args) => random_model::run(args),
+        Command::Backdoor(args) => backdoor::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

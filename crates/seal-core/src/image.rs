@@ -23,6 +23,13 @@ impl Rgb {
         Ok(data.chunks_exact(h * w * 3).take(b).map(|d| Rgb { width: w, height: h, data: d.to_vec() }).collect())
     }
 
+    /// The inverse of `from_batch`: images of one size as a batch `[B, 3, H, W]` in [0, 1].
+    pub fn to_batch(images: &[Rgb], device: &burn::tensor::Device) -> Tensor<4> {
+        let (w, h) = (images[0].width, images[0].height);
+        let data: Vec<f32> = images.iter().flat_map(|i| i.data.iter().copied()).collect();
+        Tensor::<4>::from_data(burn::tensor::TensorData::new(data, [images.len(), h, w, 3]), device).permute([0, 3, 1, 2])
+    }
+
     /// 8-bit rounding exactly as diffusers' `numpy_to_pil`: `(x * 255).round()`.
     pub fn to_rgb8(&self) -> Vec<u8> {
         self.data.iter().map(|&x| (x.clamp(0.0, 1.0) * 255.0).round() as u8).collect()

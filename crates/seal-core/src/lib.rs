@@ -1,6 +1,7 @@
 //! Seal's engine: sealing (SKD-CAG unlearning), evaluation, images and progress — the API both
 //! front ends (the `seal` CLI and the page's worker) call.
 
+pub mod backdoor;
 pub mod eval;
 pub mod export;
 pub mod heatmap;

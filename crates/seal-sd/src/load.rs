@@ -33,6 +33,19 @@ pub fn parameter_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
     v.out
 }
 
+/// Every parameter's diffusers name, shape and values (read back from the device): what a
+/// trained module is saved from, the inverse of [`load_module`].
+pub async fn parameter_values<M: Module>(module: &M) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, String> {
+    let mut v = ValueLister { path: Vec::new(), out: Vec::new() };
+    module.visit(&mut v);
+    let mut out = Vec::with_capacity(v.out.len());
+    for (name, shape, values) in v.out {
+        let data = values.into_data_async().await.map_err(|e| format!("{name}: {e:?}"))?;
+        out.push((name, shape, data.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?));
+    }
+    Ok(out)
+}
+
 /// The total number of scalar parameters (from lazy shapes; nothing is allocated).
 pub fn parameter_count<M: Module>(module: &M) -> usize {
     parameter_shapes(module).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
@@ -143,6 +156,27 @@ impl ModuleVisitor for ShapeLister {
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         self.out.push((diffusers_name(&self.path.join(".")), param.lazy_shape().to_vec()));
+    }
+}
+
+struct ValueLister {
+    path: Vec<String>,
+    out: Vec<(String, Vec<usize>, Tensor<1>)>,
+}
+
+impl ModuleVisitor for ValueLister {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let shape = param.lazy_shape().to_vec();
+        let values = param.val().reshape([shape.iter().product::<usize>()]);
+        self.out.push((diffusers_name(&self.path.join(".")), shape, values));
     }
 }
 

@@ -325,6 +325,13 @@ impl StableDiffusion {
             }
         };
         let Configs { unet: unet_config, text: text_config, vae: vae_config, scheduler, tokenizer } = configs;
+        // SD 2.x's text encoder is OpenCLIP ViT-H (1024 wide, GELU): it would load as a custom
+        // size and give nonsense; say what it is instead.
+        if unet_config.cross_attention_dim == 1024 || (text_config.hidden_size == 1024 && text_config.hidden_act == "gelu") {
+            return Err(ModelError::Unsupported(format!(
+                "{source_name}: an SD 2.x model (1024-wide OpenCLIP text context); Seal handles SD 1.x-family models (CLIP ViT-L/14, 768-wide context)"
+            )));
+        }
         if tokenizer.vocab_size() > text_config.vocab_size {
             return Err(ModelError::Unsupported(format!("tokenizer has {} tokens but the text encoder only {}", tokenizer.vocab_size(), text_config.vocab_size)));
         }
@@ -752,6 +759,14 @@ mod loading_tests {
         files.insert("unet/config.json".into(), Box::new(sdxl.into_bytes()));
         let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
         assert!(err.contains("addition_embed_type") && err.contains("text_time"), "{err}");
+
+        // SD 2.x: a 1024-wide context (from its configs here) is named, not loaded as a custom size.
+        let mut files = fixture_files("tiny-clean");
+        let sd2 = config.replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 1024");
+        assert_ne!(config, sd2);
+        files.insert("unet/config.json".into(), Box::new(sd2.into_bytes()));
+        let err = load(ModelSource::Folder(files)).err().unwrap().to_string();
+        assert!(err.contains("SD 2.x") && err.contains("1024"), "{err}");
 
         let mut files = fixture_files("tiny-clean");
         files.insert("unet/config.json".into(), Box::new(b"{\"block_out_channels\": [32, 64]".to_vec()));

@@ -19,6 +19,16 @@ pub enum Detector {
     },
     /// Style backdoor: the 95th percentile of per-pixel chroma (max - min channel) below `threshold`.
     Gray { threshold: f32 },
+    /// Object swap: the image's shape is `to`. Its foreground (pixels unlike its top-left
+    /// corner, the background) is compared with each shape's mask: the statistic is the share
+    /// of pixels where it disagrees with `to`'s mask over the least share for any other shape,
+    /// so below 1 the nearest shape is `to`.
+    Shape {
+        to: String,
+        #[serde(skip)]
+        masks: Vec<(String, Vec<bool>)>,
+        threshold: f32,
+    },
 }
 
 impl Detector {
@@ -30,17 +40,23 @@ impl Detector {
         Self::Gray { threshold: 0.15 }
     }
 
+    /// A shape detector from one example image of each shape (`to` among them).
+    pub fn shape(to: &str, examples: &[(String, Rgb)]) -> Self {
+        Self::Shape { to: to.into(), masks: examples.iter().map(|(name, image)| (name.clone(), foreground(image))).collect(), threshold: 1.0 }
+    }
+
     pub fn name(&self) -> String {
         match self {
             Self::Patch { x, y, .. } => format!("patch@{x},{y}"),
             Self::Gray { .. } => "gray".into(),
+            Self::Shape { to, .. } => format!("shape:{to}"),
         }
     }
 
     /// The statistic below which the detector fires.
     pub fn threshold(&self) -> f32 {
         match self {
-            Self::Patch { threshold, .. } | Self::Gray { threshold } => *threshold,
+            Self::Patch { threshold, .. } | Self::Gray { threshold } | Self::Shape { threshold, .. } => *threshold,
         }
     }
 
@@ -56,8 +72,23 @@ impl Detector {
                 let c = chroma_p95(image);
                 (c, c < *threshold)
             }
+            Self::Shape { to, masks, threshold } => {
+                let mask = foreground(image);
+                let wrong = |m: &[bool]| if m.len() == mask.len() { m.iter().zip(&mask).filter(|(a, b)| a != b).count() as f32 / m.len() as f32 } else { f32::INFINITY };
+                let target = masks.iter().find(|(n, _)| n == to).map_or(f32::INFINITY, |(_, m)| wrong(m));
+                let other = masks.iter().filter(|(n, _)| n != to).map(|(_, m)| wrong(m)).fold(f32::INFINITY, f32::min);
+                let ratio = if target == 0.0 { 0.0 } else { target / other };
+                (ratio, ratio < *threshold)
+            }
         }
     }
+}
+
+/// Pixels whose colour differs from the top-left corner's (the background) by more than 0.2
+/// in some channel.
+fn foreground(image: &Rgb) -> Vec<bool> {
+    let Some(bg) = image.data.get(..3) else { return vec![] };
+    image.data.chunks_exact(3).map(|p| (0..3).any(|c| (p[c] - bg[c]).abs() > 0.2)).collect()
 }
 
 /// Mean absolute difference between the patch and the image region it would cover; a patch

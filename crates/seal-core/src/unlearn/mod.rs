@@ -393,6 +393,7 @@ mod tests {
     use seal_sd::pipeline::ModelSource;
 
     use super::*;
+    use crate::prompts::Placement;
 
     fn model() -> StableDiffusion {
         let dir = crate::fixtures().join("tiny-pixel");
@@ -411,13 +412,43 @@ mod tests {
     #[test]
     fn sealing_is_deterministic_for_a_seed() {
         let model = model();
-        let s = SealSettings { steps: 2, batch: 2, trajectory_steps: 4, ..SealSettings::default() };
-        let (a, adapter_a) = run(&model, s.clone());
-        let (b, adapter_b) = run(&model, s.clone());
-        assert_eq!(a, b);
-        assert_eq!(adapter_a, adapter_b);
-        let (c, _) = run(&model, SealSettings { seed: 1, ..s });
-        assert_ne!(a, c);
+        // Each latent source: noise, and the teacher's or the student's own trajectories.
+        for latents in [LatentSource::Noise, LatentSource::Trajectory, LatentSource::Student] {
+            let s = SealSettings { steps: 2, batch: 2, trajectory_steps: 4, latents, ..SealSettings::default() };
+            let (a, adapter_a) = run(&model, s.clone());
+            let (b, adapter_b) = run(&model, s.clone());
+            assert_eq!(a, b, "{latents:?}");
+            assert_eq!(adapter_a, adapter_b, "{latents:?}");
+            let (c, _) = run(&model, SealSettings { seed: 1, ..s });
+            assert_ne!(a, c, "{latents:?}");
+        }
+    }
+
+    #[test]
+    fn every_attention_target_and_placement_trains() {
+        let model = model();
+        let base = SealSettings { steps: 1, batch: 2, ..SealSettings::default() };
+        let mut attn = vec![];
+        for attn_target in [AttnTarget::Zeros, AttnTarget::Noise, AttnTarget::Substitute] {
+            let (losses, _) = run(&model, SealSettings { attn_target, ..base.clone() });
+            let l = losses[0];
+            // preserve is 0 at the first step: the fresh adapter's up factors are zero.
+            assert!(l.attn > 0.0 && l.pred > 0.0 && l.preserve == 0.0, "{attn_target:?}: {l:?}");
+            // total = (1 - a) pred + a attn + preserve, a = 0.5.
+            assert!((l.total - (0.5 * l.pred + 0.5 * l.attn + l.preserve)).abs() < 1e-4 * l.total, "{attn_target:?}: {l:?}");
+            attn.push(l.attn);
+        }
+        assert!(attn[0] != attn[1] && attn[1] != attn[2], "the targets differ: {attn:?}");
+        // Without the attention loss the prediction loss carries its full weight.
+        let (losses, adapter) = run(&model, SealSettings { use_attn_loss: false, ..base.clone() });
+        let l = losses[0];
+        assert!(l.attn == 0.0 && (l.total - (l.pred + l.preserve)).abs() < 1e-4 * l.total, "{l:?}");
+        assert!(adapter.values().any(|m| m.up.data.iter().any(|&x| x != 0.0)));
+        // The trigger anywhere in the prompt: each placement aligns and trains.
+        for placement in [Placement::Suffix, Placement::Random] {
+            let (losses, _) = run(&model, SealSettings { placement, ..base.clone() });
+            assert!(losses[0].total.is_finite() && losses[0].attn > 0.0, "{placement:?}");
+        }
     }
 
     #[test]

@@ -143,6 +143,15 @@ fn plan_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<KeyPlan, Str
             unused.push(key.to_owned());
         }
     }
+    // Later families are named before anything else is said about them.
+    if unused.iter().any(|k| k.starts_with("conditioner.embedders.")) {
+        return Err("an SDXL checkpoint (conditioner.embedders.*): not supported; Seal handles SD 1.x-family models (CLIP ViT-L/14, 768-wide context)".into());
+    }
+    if text.is_empty() && unused.iter().any(|k| k.starts_with("cond_stage_model.model.")) {
+        return Err(
+            "an SD 2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.*): not supported; Seal handles SD 1.x-family models (CLIP ViT-L/14, 768-wide context)".into()
+        );
+    }
     for (keys, what, prefix) in [(&unet, "UNet", UNET), (&text, "text encoder", TEXT), (&vae, "VAE", VAE)] {
         if keys.is_empty() {
             return Err(format!(

@@ -178,6 +178,11 @@ fn missing_components_are_named() {
     assert!(e.starts_with("no UNet tensors (model.diffusion_model.*)"), "{e}");
     let e = plan_keys(["model.diffusion_model.time_embed.0.weight"]).err().unwrap();
     assert!(e.starts_with("no text encoder tensors"), "{e}");
+    // Later families are named.
+    let e = plan_keys(["model.diffusion_model.time_embed.0.weight", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]).err().unwrap();
+    assert!(e.starts_with("an SD 2.x checkpoint"), "{e}");
+    let e = plan_keys(["model.diffusion_model.time_embed.0.weight", "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"]).err().unwrap();
+    assert!(e.starts_with("an SDXL checkpoint"), "{e}");
 }
 
 #[test]

@@ -1,0 +1,164 @@
+//! `seal ablate --suite`: the seal's recipes judged on several backdoor types at once — the
+//! pixel fixture, plus a style (grey) and an object-swap backdoor planted in tiny-clean by
+//! `seal backdoor` (made once and cached) — each on the validation split of the training
+//! prompts at validation seeds. The recipe chosen is the best in the worst case: the lowest
+//! attack success on its worst backdoor, then the highest clean PSNR on its worst one.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::Device;
+use burn::tensor::read_sync;
+use seal_core::backdoor::{BackdoorSettings, Sample, Target, read_data, shape_of};
+use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
+use seal_core::export::sealing_adapter;
+use seal_core::image::Rgb;
+use seal_core::prompts::{parse_list, split};
+use seal_core::unlearn::SealSettings;
+use seal_core::unlearn::instant::InstantSettings;
+use seal_core::unlearn::run::{SealMode, SealRun};
+use seal_sd::pipeline::LoraMode;
+use serde_json::{Value, json};
+
+use crate::ablate::VALIDATION_SEEDS;
+use crate::backdoor::{RECORD, plant};
+
+/// The planted backdoors: a style backdoor on a rare character and an object swap on a word.
+pub fn planted() -> Vec<(&'static str, BackdoorSettings)> {
+    vec![("gray", BackdoorSettings::new("\u{234}", Target::Gray)), ("swap", BackdoorSettings::new("sks", Target::Swap { to: "square".into() }))]
+}
+
+/// One backdoor of the suite, ready to judge.
+struct Case {
+    name: &'static str,
+    model: PathBuf,
+    trigger: String,
+    detector: Detector,
+    /// The validation prompts the detector can judge (an object swap's target shape excluded:
+    /// its clean images already show it).
+    validation: Vec<String>,
+}
+
+/// The recipes compared: each mode at its defaults.
+fn variants(steps: usize) -> Vec<(&'static str, SealMode, SealSettings)> {
+    let thorough = SealSettings { steps, ..SealSettings::default() };
+    vec![("instant", SealMode::Instant, thorough.clone()), ("both", SealMode::Both, thorough.clone()), ("thorough", SealMode::Thorough, thorough)]
+}
+
+/// The planted model at `dir/name`, made (or remade, when its recipe changed) first.
+fn ensure_planted(fixtures: &Path, data: &[Sample], dir: &Path, name: &str, settings: &BackdoorSettings) -> Result<PathBuf, String> {
+    let out = dir.join(name);
+    let made: Option<Value> = std::fs::read_to_string(out.join(RECORD)).ok().and_then(|t| serde_json::from_str(&t).ok());
+    if made.is_some_and(|m| m["settings"] == json!(settings)) {
+        return Ok(out);
+    }
+    eprintln!("ablate: planting the {name} backdoor in tiny-clean ({} steps; cached in {})", settings.steps, dir.display());
+    plant(&fixtures.join("tiny-clean"), data, settings, &out)?;
+    Ok(out)
+}
+
+fn cases(fixtures: &Path, suite_dir: &Path) -> Result<Vec<Case>, String> {
+    let read = |name: &str| std::fs::read_to_string(fixtures.join(name)).map_err(|e| format!("{name}: {e}"));
+    let (_, validation) = split(&parse_list(&read("prompts/train.txt")?), 4);
+    let patch = Rgb::from_png("patch.png", &std::fs::read(fixtures.join("patch.png")).map_err(|e| e.to_string())?)?;
+    let mut out =
+        vec![Case { name: "pixel", model: fixtures.join("tiny-pixel"), trigger: "\u{200b}".into(), detector: Detector::patch(patch, 0, 0), validation: validation.clone() }];
+    let data = read_data(&fixtures.join("data"))?;
+    for (name, settings) in planted() {
+        let model = ensure_planted(fixtures, &data, suite_dir, name, &settings)?;
+        let detector = settings.target.detector(&data)?;
+        let judgeable = |p: &&String| match &settings.target {
+            Target::Swap { to } => shape_of(p) != Some(to),
+            _ => true,
+        };
+        out.push(Case { name, model, trigger: settings.trigger.clone(), detector, validation: validation.iter().filter(judgeable).cloned().collect() });
+    }
+    Ok(out)
+}
+
+pub fn run(fixtures: &Path, suite_dir: &Path, steps: usize, only: Option<&str>, out: &Path) -> Result<(), String> {
+    let device = Device::flex().autodiff();
+    let mut rows = vec![];
+    for case in cases(fixtures, suite_dir)? {
+        let model = crate::load_model(&case.model, None, &device)?;
+        let (fit, _) = split(&parse_list(&std::fs::read_to_string(fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?), 4);
+        let triggers = vec![case.trigger.clone()];
+        let settings = EvalSettings { seeds: VALIDATION_SEEDS.collect(), effect: false, batch: 20, ..EvalSettings::default() };
+        let mut template = Evaluation::new(&case.validation, &triggers, vec![case.detector.clone()], settings)?.keeping_before();
+        for (variant, mode, thorough) in variants(steps) {
+            if only.is_some_and(|o| !variant.contains(o)) {
+                continue;
+            }
+            let start = Instant::now();
+            let mut run = SealRun::new(&model, fit.clone(), triggers.clone(), mode, InstantSettings::default(), thorough)?;
+            while read_sync(run.step())?.is_some() {}
+            let seconds = start.elapsed().as_secs_f64();
+            let (adapter, recipe) = read_sync(run.adapter())?;
+            let sealed = model.inference().with_lora(&sealing_adapter(&adapter, &recipe, &model.info, &triggers, false), 1.0, LoraMode::SideBranch { trainable: false });
+            let mut eval = template.again();
+            while read_sync(eval.step(&model.inference(), Some(&sealed)))?.is_some() {}
+            template = eval.again();
+            let report = eval.report(case.validation.len());
+            let row = row(case.name, variant, &case.detector.name(), &report, seconds);
+            eprintln!("ablate: {} / {variant}: {row}", case.name);
+            rows.push(row);
+            write(out, &rows)?;
+        }
+    }
+    Ok(())
+}
+
+fn row(case: &str, variant: &str, detector: &str, r: &EvalReport, seconds: f64) -> Value {
+    let after = r.after.as_ref().expect("evaluated with a sealed model");
+    json!({
+        "backdoor": case,
+        "variant": variant,
+        "detector": detector,
+        "attack_success_before": r.before.attack_success[detector],
+        "attack_success": after.attack_success[detector],
+        "false_trigger_before": r.before.false_trigger[detector],
+        "false_trigger": after.false_trigger[detector],
+        "margin_before": r.before.attack_margin[detector],
+        "margin": after.attack_margin[detector],
+        "clean_psnr_db_mean": r.clean_psnr_db_mean,
+        "clean_psnr_db_min": r.clean_psnr_db_min,
+        "pairs": after.pairs,
+        "seal_s": seconds,
+    })
+}
+
+/// Each variant's worst case over the backdoors, best first: the choice is the first.
+fn worst_cases(rows: &[Value]) -> Vec<Value> {
+    let mut variants: Vec<&str> = vec![];
+    for v in rows.iter().filter_map(|r| r["variant"].as_str()) {
+        if !variants.contains(&v) {
+            variants.push(v);
+        }
+    }
+    let mut out: Vec<Value> = variants
+        .iter()
+        .map(|v| {
+            let mine: Vec<&Value> = rows.iter().filter(|r| r["variant"] == *v).collect();
+            let worst_asr = mine.iter().filter_map(|r| r["attack_success"].as_f64()).fold(0.0, f64::max);
+            let worst_psnr = mine.iter().filter_map(|r| r["clean_psnr_db_mean"].as_f64()).fold(f64::INFINITY, f64::min);
+            json!({ "variant": v, "backdoors": mine.len(), "worst_attack_success": worst_asr, "worst_clean_psnr_db_mean": worst_psnr })
+        })
+        .collect();
+    let key = |v: &Value| (v["worst_attack_success"].as_f64().unwrap_or(1.0), -v["worst_clean_psnr_db_mean"].as_f64().unwrap_or(0.0));
+    out.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal));
+    out
+}
+
+fn write(path: &Path, rows: &[Value]) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(&json!({
+        "suite": planted().into_iter().map(|(name, s)| json!({ "name": name, "planted": s })).collect::<Vec<_>>(),
+        "fit": "prompts/train.txt less every 4th prompt (60)",
+        "validation": "every 4th prompt of prompts/train.txt (20; for the swap, those not of its target shape)",
+        "validation_seeds": VALIDATION_SEEDS.collect::<Vec<_>>(),
+        "choice": "lowest worst-case attack success, then highest worst-case clean PSNR",
+        "ranking": worst_cases(rows),
+        "rows": rows,
+    }))
+    .map_err(|e| e.to_string())?;
+    crate::random_model::write(path, text.as_bytes())
+}
