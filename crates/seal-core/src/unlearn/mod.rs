@@ -53,6 +53,9 @@ pub struct Sealer {
     size: usize,
     pool: Vec<Point>,
     step: usize,
+    /// Why the run stopped: after a non-finite step the optimizer's moments are spoilt too, so
+    /// no later step may build on them.
+    failed: Option<String>,
     clock: Clock,
     pub history: Vec<Losses>,
 }
@@ -125,6 +128,7 @@ impl Sealer {
             size,
             pool: vec![],
             step: 0,
+            failed: None,
             clock: Clock::default(),
             history: vec![],
         })
@@ -138,8 +142,12 @@ impl Sealer {
         &self.settings
     }
 
-    /// One optimisation step. A non-finite loss keeps the last good adapter and is an error.
+    /// One optimisation step. A non-finite loss, gradient or factor keeps the last good adapter
+    /// and is an error, from then on.
     pub async fn step(&mut self) -> Result<Progress, String> {
+        if let Some(why) = &self.failed {
+            return Err(why.clone());
+        }
         let s = self.settings.clone();
         let points = self.next_points().await?;
         let clean: Vec<String> = points.iter().map(|p| self.prompts[p.prompt].clone()).collect();
@@ -240,8 +248,7 @@ impl Sealer {
             },
         };
         if !losses.total.is_finite() {
-            self.student = self.last_good.clone();
-            return Err(format!("the loss became {} at step {}; the adapter of step {} is kept (try a lower learning rate)", losses.total, self.step + 1, self.step));
+            return Err(self.fail(format!("the loss became {} at step {}; the adapter of step {} is kept (try a lower learning rate)", losses.total, self.step + 1, self.step)));
         }
         let lr = s.lr_at(self.step);
         let unet = std::mem::replace(&mut self.student.unet, self.last_good.unet.clone());
@@ -253,13 +260,23 @@ impl Sealer {
         // A finite loss can still give non-finite gradients or factors (an overflowing update):
         // those never become the adapter a cancel or a failure keeps.
         if !self.factors_finite().await? {
-            self.student = self.last_good.clone();
-            return Err(format!("the adapter's factors became non-finite at step {}; the adapter of step {} is kept (try a lower learning rate)", self.step + 1, self.step));
+            return Err(self.fail(format!(
+                "the adapter's factors became non-finite at step {}; the adapter of step {} is kept (try a lower learning rate)",
+                self.step + 1,
+                self.step
+            )));
         }
         self.last_good = self.student.clone();
         self.step += 1;
         self.history.push(losses);
         Ok(self.clock.progress(Task::Seal, self.step, s.steps, Some(losses)))
+    }
+
+    /// Goes back to the last good student and stops the run for good (see `failed`).
+    fn fail(&mut self, why: String) -> String {
+        self.student = self.last_good.clone();
+        self.failed = Some(why.clone());
+        why
     }
 
     /// The next batch of training points, refilling the trajectory pool when it runs low.
@@ -505,6 +522,8 @@ mod tests {
         let err = failed.expect("the overflow is caught");
         assert!(err.contains("non-finite") || err.contains("loss became"), "{err}");
         let kept = sealer.steps_done();
+        assert_eq!(read_sync(sealer.step()).err(), Some(err), "no step builds on the spoilt optimizer state");
+        assert_eq!(sealer.steps_done(), kept);
         assert_eq!(sealer.history.len(), kept);
         let adapter = read_sync(sealer.adapter()).unwrap();
         assert!(adapter.values().all(|m| m.up.data.iter().chain(&m.down.data).all(|x| x.is_finite())), "the kept adapter is finite");
