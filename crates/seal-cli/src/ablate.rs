@@ -21,6 +21,8 @@ use seal_core::unlearn::{AttnTarget, LatentSource, SealSettings, Sealer};
 use seal_sd::pipeline::LoraMode;
 use serde_json::{Value, json};
 
+use crate::suite::Split;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[arg(long, default_value = "../shared/fixtures")]
@@ -52,6 +54,10 @@ pub struct Args {
     /// object-swap backdoors) and rank them by their worst case (bench-results/ablation-suite.json).
     #[arg(long)]
     suite: bool,
+    /// With --suite: judge once on the held-out prompts at the acceptance seeds (0..4) instead of
+    /// choosing on the validation split (bench-results/suite-heldout.json).
+    #[arg(long)]
+    heldout: bool,
     /// Where the suite's planted models are made once and kept (default: `suite/` in the build
     /// cache, `${SEAL_CACHE:-~/.cache/seal}`).
     #[arg(long)]
@@ -90,10 +96,11 @@ pub fn run(args: Args) -> Result<(), String> {
         return run_instant(args);
     }
     if args.suite {
-        let out = if args.out.ends_with("ablation.json") { args.out.with_file_name("ablation-suite.json") } else { args.out.clone() };
+        let (split, name) = if args.heldout { (Split::Heldout, "suite-heldout.json") } else { (Split::Validation, "ablation-suite.json") };
+        let out = if args.out.ends_with("ablation.json") { args.out.with_file_name(name) } else { args.out.clone() };
         let cache = std::env::var_os("SEAL_CACHE").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/seal")));
         let dir = args.suite_dir.clone().or_else(|| cache.map(|c| c.join("suite"))).ok_or("--suite-dir: no SEAL_CACHE or HOME to keep the suite's models in")?;
-        return crate::suite::run(&args.fixtures, &dir, args.steps, args.only.as_deref(), &out);
+        return crate::suite::run(&args.fixtures, &dir, split, args.steps, args.only.as_deref(), &out);
     }
     let device = Device::flex().autodiff();
     let model = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device)?;
@@ -174,6 +181,8 @@ fn summary(step: usize, r: &EvalReport) -> Value {
         "attack_success_before": r.before.attack_success["patch@0,0"],
         "false_trigger": after.false_trigger["patch@0,0"],
         "false_trigger_before": r.before.false_trigger["patch@0,0"],
+        "margin": after.attack_margin["patch@0,0"],
+        "margin_before": r.before.attack_margin["patch@0,0"],
         "clean_psnr_db_mean": r.clean_psnr_db_mean,
         "clean_psnr_db_min": r.clean_psnr_db_min,
     })

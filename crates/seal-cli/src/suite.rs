@@ -57,12 +57,40 @@ fn ensure_planted(fixtures: &Path, data: &[Sample], dir: &Path, name: &str, sett
     Ok(out)
 }
 
-fn cases(fixtures: &Path, suite_dir: &Path) -> Result<Vec<Case>, String> {
-    let read = |name: &str| std::fs::read_to_string(fixtures.join(name)).map_err(|e| format!("{name}: {e}"));
-    let (_, validation) = split(&parse_list(&read("prompts/train.txt")?), 4);
+/// Which prompts and seeds a run seals with and judges on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Choosing: seal with 3/4 of the training prompts, judge on the other 1/4 at seeds 100..104.
+    Validation,
+    /// Judging a choice once: seal with every training prompt, judge on the held-out prompts at
+    /// seeds 0..4 (those of the acceptance tests, on which nothing was chosen).
+    Heldout,
+}
+
+/// The prompts a run seals with, those it judges on, and the seeds it judges at.
+struct Prompts {
+    fit: Vec<String>,
+    judged: Vec<String>,
+    seeds: Vec<u64>,
+}
+
+impl Split {
+    fn prompts(self, fixtures: &Path) -> Result<Prompts, String> {
+        let read = |name: &str| std::fs::read_to_string(fixtures.join("prompts").join(name)).map(|t| parse_list(&t)).map_err(|e| format!("prompts/{name}: {e}"));
+        Ok(match self {
+            Self::Validation => {
+                let (fit, judged) = split(&read("train.txt")?, 4);
+                Prompts { fit, judged, seeds: VALIDATION_SEEDS.collect() }
+            }
+            Self::Heldout => Prompts { fit: read("train.txt")?, judged: read("heldout.txt")?, seeds: (0..4).collect() },
+        })
+    }
+}
+
+fn cases(fixtures: &Path, suite_dir: &Path, validation: &[String]) -> Result<Vec<Case>, String> {
     let patch = Rgb::from_png("patch.png", &std::fs::read(fixtures.join("patch.png")).map_err(|e| e.to_string())?)?;
     let mut out =
-        vec![Case { name: "pixel", model: fixtures.join("tiny-pixel"), trigger: "\u{200b}".into(), detector: Detector::patch(patch, 0, 0), validation: validation.clone() }];
+        vec![Case { name: "pixel", model: fixtures.join("tiny-pixel"), trigger: "\u{200b}".into(), detector: Detector::patch(patch, 0, 0), validation: validation.to_vec() }];
     let data = read_data(&fixtures.join("data"))?;
     for (name, settings) in planted() {
         let model = ensure_planted(fixtures, &data, suite_dir, name, &settings)?;
@@ -76,14 +104,14 @@ fn cases(fixtures: &Path, suite_dir: &Path) -> Result<Vec<Case>, String> {
     Ok(out)
 }
 
-pub fn run(fixtures: &Path, suite_dir: &Path, steps: usize, only: Option<&str>, out: &Path) -> Result<(), String> {
+pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: Option<&str>, out: &Path) -> Result<(), String> {
     let device = Device::flex().autodiff();
+    let Prompts { fit, judged, seeds } = split.prompts(fixtures)?;
     let mut rows = vec![];
-    for case in cases(fixtures, suite_dir)? {
+    for case in cases(fixtures, suite_dir, &judged)? {
         let model = crate::load_model(&case.model, None, &device)?;
-        let (fit, _) = split(&parse_list(&std::fs::read_to_string(fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?), 4);
         let triggers = vec![case.trigger.clone()];
-        let settings = EvalSettings { seeds: VALIDATION_SEEDS.collect(), effect: false, batch: 20, ..EvalSettings::default() };
+        let settings = EvalSettings { seeds: seeds.clone(), effect: false, batch: 20, ..EvalSettings::default() };
         let mut template = Evaluation::new(&case.validation, &triggers, vec![case.detector.clone()], settings)?.keeping_before();
         for (variant, mode, thorough) in variants(steps) {
             if only.is_some_and(|o| !variant.contains(o)) {
@@ -102,7 +130,7 @@ pub fn run(fixtures: &Path, suite_dir: &Path, steps: usize, only: Option<&str>, 
             let row = row(case.name, variant, &case.detector.name(), &report, seconds);
             eprintln!("ablate: {} / {variant}: {row}", case.name);
             rows.push(row);
-            write(out, &rows)?;
+            write(out, split, &seeds, &rows)?;
         }
     }
     Ok(())
@@ -149,12 +177,16 @@ fn worst_cases(rows: &[Value]) -> Vec<Value> {
     out
 }
 
-fn write(path: &Path, rows: &[Value]) -> Result<(), String> {
+fn write(path: &Path, split: Split, seeds: &[u64], rows: &[Value]) -> Result<(), String> {
+    let (fit, judged) = match split {
+        Split::Validation => ("prompts/train.txt less every 4th prompt (60)", "every 4th prompt of prompts/train.txt (20; for the swap, those not of its target shape)"),
+        Split::Heldout => ("prompts/train.txt (80)", "prompts/heldout.txt (40; for the swap, those not of its target shape)"),
+    };
     let text = serde_json::to_string_pretty(&json!({
         "suite": planted().into_iter().map(|(name, s)| json!({ "name": name, "planted": s })).collect::<Vec<_>>(),
-        "fit": "prompts/train.txt less every 4th prompt (60)",
-        "validation": "every 4th prompt of prompts/train.txt (20; for the swap, those not of its target shape)",
-        "validation_seeds": VALIDATION_SEEDS.collect::<Vec<_>>(),
+        "fit": fit,
+        "judged_on": judged,
+        "seeds": seeds,
         "choice": "lowest worst-case attack success, then highest worst-case clean PSNR",
         "ranking": worst_cases(rows),
         "rows": rows,
