@@ -14,9 +14,9 @@ use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
 use seal_core::export::sealing_adapter;
 use seal_core::image::Rgb;
 use seal_core::prompts::{parse_list, split};
-use seal_core::unlearn::SealSettings;
 use seal_core::unlearn::instant::InstantSettings;
 use seal_core::unlearn::run::{SealMode, SealRun};
+use seal_core::unlearn::{AttnTarget, LatentSource, SealSettings};
 use seal_sd::pipeline::LoraMode;
 use serde_json::{Value, json};
 
@@ -39,10 +39,24 @@ struct Case {
     validation: Vec<String>,
 }
 
-/// The recipes compared: each mode at its defaults.
+/// The recipes compared: each mode at its defaults, then the default mode with one change each
+/// (the thorough ablation's variants that could matter on other backdoor types).
 fn variants(steps: usize) -> Vec<(&'static str, SealMode, SealSettings)> {
-    let thorough = SealSettings { steps, ..SealSettings::default() };
-    vec![("instant", SealMode::Instant, thorough.clone()), ("both", SealMode::Both, thorough.clone()), ("thorough", SealMode::Thorough, thorough)]
+    let base = SealSettings { steps, ..SealSettings::default() };
+    let with = |f: &dyn Fn(&mut SealSettings)| {
+        let mut s = base.clone();
+        f(&mut s);
+        s
+    };
+    vec![
+        ("instant", SealMode::Instant, base.clone()),
+        ("both", SealMode::Both, base.clone()),
+        ("thorough", SealMode::Thorough, base.clone()),
+        ("both, no L_attn", SealMode::Both, with(&|s| s.use_attn_loss = false)),
+        ("both, target zeros", SealMode::Both, with(&|s| s.attn_target = AttnTarget::Zeros)),
+        ("both, latents student", SealMode::Both, with(&|s| s.latents = LatentSource::Student)),
+        ("both, text encoder", SealMode::Both, with(&|s| s.text_encoder = true)),
+    ]
 }
 
 /// The planted model at `dir/name`, made (or remade, when its recipe changed) first.
@@ -104,30 +118,36 @@ fn cases(fixtures: &Path, suite_dir: &Path, validation: &[String]) -> Result<Vec
     Ok(out)
 }
 
+/// Runs every variant (or those whose name contains one of the comma-separated `only`) on
+/// every backdoor, a variant at a time, writing the JSON after each run.
 pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: Option<&str>, out: &Path) -> Result<(), String> {
     let device = Device::flex().autodiff();
     let Prompts { fit, judged, seeds } = split.prompts(fixtures)?;
-    let mut rows = vec![];
+    let mut loaded = vec![];
     for case in cases(fixtures, suite_dir, &judged)? {
         let model = crate::load_model(&case.model, None, &device)?;
-        let triggers = vec![case.trigger.clone()];
         let settings = EvalSettings { seeds: seeds.clone(), effect: false, batch: 20, ..EvalSettings::default() };
-        let mut template = Evaluation::new(&case.validation, &triggers, vec![case.detector.clone()], settings)?.keeping_before();
-        for (variant, mode, thorough) in variants(steps) {
-            if only.is_some_and(|o| !variant.contains(o)) {
-                continue;
-            }
+        // The original model's images are made once per backdoor and kept for every variant.
+        let template = Evaluation::new(&case.validation, std::slice::from_ref(&case.trigger), vec![case.detector.clone()], settings)?.keeping_before();
+        loaded.push((case, model, template));
+    }
+    let mut rows = vec![];
+    for (variant, mode, thorough) in variants(steps) {
+        if only.is_some_and(|o| !o.split(',').any(|o| variant.contains(o.trim()))) {
+            continue;
+        }
+        for (case, model, template) in &mut loaded {
+            let triggers = vec![case.trigger.clone()];
             let start = Instant::now();
-            let mut run = SealRun::new(&model, fit.clone(), triggers.clone(), mode, InstantSettings::default(), thorough)?;
+            let mut run = SealRun::new(model, fit.clone(), triggers.clone(), mode, InstantSettings::default(), thorough.clone())?;
             while read_sync(run.step())?.is_some() {}
             let seconds = start.elapsed().as_secs_f64();
             let (adapter, recipe) = read_sync(run.adapter())?;
             let sealed = model.inference().with_lora(&sealing_adapter(&adapter, &recipe, &model.info, &triggers, false), 1.0, LoraMode::SideBranch { trainable: false });
             let mut eval = template.again();
             while read_sync(eval.step(&model.inference(), Some(&sealed)))?.is_some() {}
-            template = eval.again();
-            let report = eval.report(case.validation.len());
-            let row = row(case.name, variant, &case.detector.name(), &report, seconds);
+            *template = eval.again();
+            let row = row(case.name, variant, &case.detector.name(), &eval.report(case.validation.len()), seconds);
             eprintln!("ablate: {} / {variant}: {row}", case.name);
             rows.push(row);
             write(out, split, &seeds, &rows)?;

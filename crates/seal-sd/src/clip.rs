@@ -5,7 +5,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation::sigmoid};
 use serde::Deserialize;
 
 use crate::ModelError;
-use crate::attention::multi_head;
+use crate::attention::attend;
 use crate::layers::{Embedding, LayerNorm, Linear, gelu};
 use crate::tokenizer::{ClipTokenizer, TokenizerError};
 
@@ -167,7 +167,7 @@ impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>, causal: Tensor<4, Bool>) -> Tensor<3> {
         let h = self.layer_norm1.forward(x.clone());
         let a = &self.self_attn;
-        let (h, _) = multi_head(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h), a.heads, Some(causal));
+        let h = attend(a.q_proj.forward(h.clone()), a.k_proj.forward(h.clone()), a.v_proj.forward(h), a.heads, Some(causal));
         let x = x + a.out_proj.forward(h);
         let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
         let h = if self.mlp.quick_gelu { h.clone() * sigmoid(h * 1.702) } else { gelu(h) };

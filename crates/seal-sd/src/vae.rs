@@ -5,7 +5,7 @@ use burn::tensor::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::ModelError;
-use crate::attention::multi_head;
+use crate::attention::attend;
 use crate::layers::{Conv2d, GroupNorm, Linear, silu};
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
@@ -251,7 +251,7 @@ impl VaeAttention {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let t = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
-        let (out, _) = multi_head(self.to_q.forward(t.clone()), self.to_k.forward(t.clone()), self.to_v.forward(t), 1, None);
+        let out = attend(self.to_q.forward(t.clone()), self.to_k.forward(t.clone()), self.to_v.forward(t), 1, None);
         x + self.to_out[0].forward(out).swap_dims(1, 2).reshape([b, c, h, w])
     }
 }

@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
-use crate::attention::multi_head;
+use crate::attention::{attend, multi_head};
 use crate::layers::{Conv2d, GroupNorm, LayerNorm, Linear, gelu};
 
 /// `proj_in`/`proj_out`: 1x1 convolutions in SD 1.x, linear layers with `use_linear_projection`.
@@ -111,11 +111,11 @@ impl BasicTransformerBlock {
     /// `[B, HW, C]` -> same; with `capture`, also attn2's probabilities `[B, heads, HW, tokens]`.
     fn forward(&self, x: Tensor<3>, context: &Tensor<3>, capture: bool) -> (Tensor<3>, Option<Tensor<4>>) {
         let h = self.norm1.forward(x.clone());
-        let x = x + self.attn1.forward(h.clone(), h).0;
-        let (a, probs) = self.attn2.forward(self.norm2.forward(x.clone()), context.clone());
+        let x = x + self.attn1.forward(h.clone(), h, false).0;
+        let (a, probs) = self.attn2.forward(self.norm2.forward(x.clone()), context.clone(), capture);
         let x = x + a;
         let x = x.clone() + self.ff.forward(self.norm3.forward(x));
-        (x, capture.then_some(probs))
+        (x, probs)
     }
 }
 
@@ -130,8 +130,15 @@ impl Attention {
         }
     }
 
-    fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
-        let (out, probs) = multi_head(self.to_q.forward(x), self.to_k.forward(context.clone()), self.to_v.forward(context), self.heads, None);
+    /// With `capture`, also the probabilities (whole); without, the output in query chunks.
+    fn forward(&self, x: Tensor<3>, context: Tensor<3>, capture: bool) -> (Tensor<3>, Option<Tensor<4>>) {
+        let (q, k, v) = (self.to_q.forward(x), self.to_k.forward(context.clone()), self.to_v.forward(context));
+        let (out, probs) = if capture {
+            let (out, probs) = multi_head(q, k, v, self.heads, None);
+            (out, Some(probs))
+        } else {
+            (attend(q, k, v, self.heads, None), None)
+        };
         (self.to_out[0].forward(out), probs)
     }
 }
