@@ -16,7 +16,7 @@ use seal_core::image::Rgb;
 use seal_core::prompts::{parse_list, split};
 use seal_core::unlearn::instant::InstantSettings;
 use seal_core::unlearn::run::{SealMode, SealRun};
-use seal_core::unlearn::{AttnTarget, LatentSource, SealSettings};
+use seal_core::unlearn::{AttnTarget, SealSettings};
 use seal_sd::pipeline::LoraMode;
 use serde_json::{Value, json};
 
@@ -54,7 +54,6 @@ fn variants(steps: usize) -> Vec<(&'static str, SealMode, SealSettings)> {
         ("thorough", SealMode::Thorough, base.clone()),
         ("both, no L_attn", SealMode::Both, with(&|s| s.use_attn_loss = false)),
         ("both, target zeros", SealMode::Both, with(&|s| s.attn_target = AttnTarget::Zeros)),
-        ("both, latents student", SealMode::Both, with(&|s| s.latents = LatentSource::Student)),
         ("both, text encoder", SealMode::Both, with(&|s| s.text_encoder = true)),
     ]
 }
