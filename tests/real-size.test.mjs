@@ -60,6 +60,18 @@ test("a BK-SDM-tiny-sized folder loads on the CPU engine within 2.4 GiB of wasm 
     for (const [id, value] of [["#eval-prompts", 1], ["#eval-seeds", 1], ["#eval-steps", 2]]) await page.fill(id, String(value));
     await page.uncheck("#eval-effect");
     await page.fill("#trigger", "cf");
+    // A step too large for the tab is refused before any work, with a size to try.
+    await page.fill("#setting-resolution", "512");
+    await page.fill("#setting-batch", "8");
+    await page.waitForSelector("#step-memory[data-fits=false]");
+    assert.match(await page.textContent("#step-memory"), /^Too large for this engine: a sealing step at 512 px, batch 8 needs about \d+\.\d GiB .*: try /);
+    await page.click("#seal");
+    await page.waitForSelector("#seal-error:not([hidden])");
+    assert.match(await page.textContent("#seal-error"), /needs about .* more than the .* GiB this engine can use/);
+    await page.fill("#setting-resolution", "128");
+    await page.fill("#setting-batch", "1");
+    await page.waitForSelector("#step-memory[data-fits=true]");
+    console.log(`plan for one 128-px step: ${await page.textContent("#step-memory")}`);
     const sealing = Date.now();
     await page.click("#seal");
     await page.waitForSelector("#compare-section:not([hidden])", { timeout: 900_000 });

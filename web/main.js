@@ -309,6 +309,7 @@ async function loadModel(afterCrash = false) {
     model.loaded = true;
     model.lastGood = { files: model.files, lora: null };
     $("#lora-drop").hidden = false;
+    queueMicrotask(showStepMemory);
     setTask(afterCrash ? "The engine stopped and was restarted on the CPU (see Engine); the model is reloaded — try again." : `Model loaded.${note ? ` ${note}` : ""}`);
   } catch (e) {
     setTask("");
@@ -662,6 +663,28 @@ function hideScan() {
 const history = [];
 
 const sealMode = () => $("#mode input:checked").value;
+
+// The memory a thorough sealing step needs with the current settings, against what the engine
+// offers (the engine refuses a seal that does not fit with the same message).
+async function showStepMemory() {
+  const line = $("#step-memory");
+  if (!model.loaded || busy || sealMode() === "instant") return (line.hidden = true);
+  try {
+    const plan = JSON.parse(await call("step_memory", JSON.stringify(readSettings())));
+    const gib = (b) => `${(b / 2 ** 30).toFixed(1)} GiB`;
+    const offered = plan.budget != null ? `; this engine can use ${gib(plan.budget)}` : "; WebGPU does not say how much memory it has";
+    line.textContent = plan.fits
+      ? `A sealing step needs about ${gib(plan.need.total)} (${gib(plan.need.weights)} of weights, largest tensor ${(plan.need.largest / MiB).toFixed(0)} MiB)${offered}.`
+      : `Too large for this engine: ${plan.error}.`;
+    line.classList.toggle("error", !plan.fits);
+    line.dataset.fits = plan.fits;
+    line.hidden = false;
+  } catch (e) {
+    line.hidden = true;
+  }
+}
+$("#mode").addEventListener("change", showStepMemory);
+for (const kind of ["input", "change"]) document.addEventListener(kind, (e) => e.target.closest?.("[data-setting]") && showStepMemory());
 const MODE_NAMES = { instant: "the instant seal", thorough: "the thorough seal (SKD-CAG)", both: "the instant seal, then the thorough one" };
 
 async function seal() {
@@ -674,13 +697,14 @@ async function seal() {
   cancelled = false;
   updateButtons();
   history.length = 0;
-  let finished = false;
+  let [started, finished, stopped] = [false, false, null];
   try {
     setTask("Preparing…");
     const thorough = readSettings();
     // The instant seal puts the trigger where the thorough one does.
     const instant = { ...readSettings("instant"), placements: [thorough.placement] };
     await call("start_seal", JSON.stringify([trigger]), JSON.stringify(set.train), mode, JSON.stringify(thorough), JSON.stringify(instant));
+    started = true;
     $("#progress").hidden = false;
     $("#chart-figure").hidden = mode === "instant";
     setTask(`Sealing with ${MODE_NAMES[mode]}…`);
@@ -699,8 +723,13 @@ async function seal() {
       drawChart();
     }
   } catch (e) {
-    showError("#seal-error", `Sealing stopped: ${e.message}`);
-    if (e.crashed) return finishUi();
+    stopped = `Sealing stopped: ${e.message}`;
+    showError("#seal-error", stopped);
+    // A refused start (settings, memory) has nothing to finish.
+    if (e.crashed || !started) {
+      setTask("");
+      return finishUi();
+    }
   }
   try {
     const done = JSON.parse(await call("finish_seal"));
@@ -711,7 +740,8 @@ async function seal() {
     setTask(cancelled ? `Cancelled: the adapter of ${how} is kept.` : `Sealed with ${how}.`);
     if (!cancelled) await evaluate(done.mode);
   } catch (e) {
-    showError("#seal-error", `${finished ? "The comparison" : "Sealing"} failed: ${e.message}`);
+    // Keep why the run stopped in view when it also left no adapter.
+    showError("#seal-error", finished ? `The comparison failed: ${e.message}` : stopped ? `${stopped} (${e.message})` : `Sealing failed: ${e.message}`);
   }
   finishUi();
 }

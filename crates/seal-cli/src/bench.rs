@@ -8,11 +8,14 @@ use std::time::Instant;
 
 use burn::prelude::Device;
 use burn::tensor::Tensor;
+use burn::tensor::read_sync;
 use seal_core::prompts::{BUILT_IN, parse_list, split};
 use seal_core::unlearn::instant::{InstantSeal, InstantSettings};
+use seal_core::unlearn::memory::step_memory;
 use seal_core::unlearn::{SealSettings, Sealer};
 use seal_sd::clip::ClipTextConfig;
 use seal_sd::clip::ClipTextModel;
+use seal_sd::load::parameter_values;
 use seal_sd::pipeline::{GenerateRequest, StableDiffusion};
 use seal_sd::rng::SeededRng;
 use seal_sd::tokenizer::ClipTokenizer;
@@ -33,6 +36,19 @@ pub struct Args {
     /// Only the trigger scans (writes `{"scan": [...]}`).
     #[arg(long)]
     scan_only: bool,
+    /// Only sealing steps of real architectures (random weights) at batch 1/4/8 and 128/256 px:
+    /// time, measured peak memory and the estimate the seal is checked against
+    /// (bench-results/real-size.json). The UNet layouts to run, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    real_size: Vec<String>,
+    /// With --real-size: the batches and sides to run.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 8])]
+    batches: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_values_t = [128, 256])]
+    sides: Vec<usize>,
+    /// (Internal) one --real-size configuration in this process, as JSON on stdout.
+    #[arg(long, hide = true)]
+    one_step: bool,
 }
 
 /// Peak resident memory of this process so far (Linux VmHWM), in MiB.
@@ -40,6 +56,14 @@ fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Resident memory now (Linux VmRSS), in bytes, after resetting the peak (VmHWM) to it.
+fn reset_peak_rss() -> Option<u64> {
+    std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb << 10)
 }
 
 /// Forces pending work to finish (the CPU backend may be lazy) by reading one value back.
@@ -274,7 +298,87 @@ fn scan_sd15(fixtures: &std::path::Path, prompts: &[String]) -> Result<Vec<Value
     Ok(out)
 }
 
+/// Sealing steps of real architectures: per layout, side and batch, run in a fresh process of
+/// its own (an allocator keeps what an earlier run freed, so peaks in one process would hide
+/// each other), the seconds of a first and a second step, the peak memory above the process's
+/// start, and `step_memory`'s estimate of it.
+fn real_size(args: &Args) -> Result<Value, String> {
+    let mut rows = vec![];
+    for name in &args.real_size {
+        for &side in &args.sides {
+            for &batch in &args.batches {
+                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                let out = std::process::Command::new(exe)
+                    .args(["bench", "--one-step", "--fixtures"])
+                    .arg(&args.fixtures)
+                    .args(["--real-size", name, "--batches", &batch.to_string(), "--sides", &side.to_string()])
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                if !out.status.success() {
+                    return Err(format!("{name} {side} px batch {batch}: the measuring process failed ({})", out.status));
+                }
+                rows.push(serde_json::from_slice::<Value>(&out.stdout).map_err(|e| format!("{name} {side} px batch {batch}: {e}"))?);
+            }
+        }
+    }
+    Ok(json!({ "backend": "flex (CPU)", "threads": std::thread::available_parallelism().map(|n| n.get()).ok(), "sealing_steps": rows }))
+}
+
+/// One sealing configuration in this process (see `real_size`), as a JSON row on stdout.
+fn one_step(args: &Args) -> Result<(), String> {
+    let (Some(name), Some(&side), Some(&batch)) = (args.real_size.first(), args.sides.first(), args.batches.first()) else {
+        return Err("--one-step needs --real-size, --sides and --batches".into());
+    };
+    let device = Device::flex().autodiff();
+    let prompts = parse_list(&std::fs::read_to_string(args.fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);
+    let path = args.fixtures.join(format!("layouts/unet_{name}.json"));
+    let layout: Value = serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?).map_err(|e| e.to_string())?;
+    let unet = UNetConfig::from_json(&layout["config"].to_string()).map_err(|e| e.to_string())?;
+    let tokenizer = ClipTokenizer::openai_clip().map_err(|e| e.to_string())?;
+    let model = StableDiffusion::random(&unet, &ClipTextConfig::vit_l14(), &VaeConfig::sd(), tokenizer, &device);
+    let settings = SealSettings { batch, resolution: Some(side), ..SealSettings::default() };
+    let estimate = step_memory(&model, &settings)?;
+    let mut sealer = Sealer::new(&model, prompts, vec!["cf".into()], settings.clone())?;
+    // Random weights are made on first use: make them now, so the peak is the step's.
+    let _ = read_sync(parameter_values(&model.unet))?;
+    let _ = read_sync(parameter_values(&model.text_encoder))?;
+    let base = reset_peak_rss();
+    let start = Instant::now();
+    burn::tensor::read_sync(sealer.step())?;
+    let first = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    burn::tensor::read_sync(sealer.step())?;
+    let step_s = start.elapsed().as_secs_f64();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let measured = base.zip(peak_rss_mib()).map(|(b, p)| p - mib(b));
+    eprintln!(
+        "bench: {name} {side} px batch {batch}: {step_s:.1} s/step, peak +{:.0} MiB above the weights (estimate {:.0} MiB)",
+        measured.unwrap_or(f64::NAN),
+        mib(estimate.activations)
+    );
+    let row = json!({
+        "unet": name,
+        "side": side,
+        "batch": batch,
+        "first_step_s": first,
+        "step_s": step_s,
+        "projected_seal_s": first + step_s * (settings.steps - 1) as f64,
+        "measured_peak_above_weights_mib": measured,
+        "estimate_mib": { "total": mib(estimate.total), "weights": mib(estimate.weights), "activations": mib(estimate.activations), "largest_tensor": mib(estimate.largest) },
+    });
+    println!("{row}");
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<(), String> {
+    if args.one_step {
+        return one_step(&args);
+    }
+    if !args.real_size.is_empty() {
+        let out = if args.out.ends_with("bench.json") { args.out.with_file_name("real-size.json") } else { args.out.clone() };
+        return write_report(&out, &real_size(&args)?);
+    }
     let device = Device::flex();
     if args.scan_only {
         let prompts = parse_list(&std::fs::read_to_string(args.fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);

@@ -191,7 +191,8 @@ fn worst_cases(rows: &[Value]) -> Vec<Value> {
             json!({ "variant": v, "backdoors": mine.len(), "worst_attack_success": worst_asr, "worst_clean_psnr_db_mean": worst_psnr })
         })
         .collect();
-    let key = |v: &Value| (v["worst_attack_success"].as_f64().unwrap_or(1.0), -v["worst_clean_psnr_db_mean"].as_f64().unwrap_or(0.0));
+    // Variants judged on fewer backdoors (a run still going) rank last.
+    let key = |v: &Value| (-v["backdoors"].as_f64().unwrap_or(0.0), v["worst_attack_success"].as_f64().unwrap_or(1.0), -v["worst_clean_psnr_db_mean"].as_f64().unwrap_or(0.0));
     out.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal));
     out
 }

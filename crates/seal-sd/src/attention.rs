@@ -82,7 +82,7 @@ mod tests {
         let chunked = attend_within(q.clone(), k.clone(), v.clone(), heads, Some(causal.clone()), 40_000);
         let (whole, probs) = multi_head(q, k, v, heads, Some(causal));
         chunked.into_data().assert_approx_eq::<f32>(&whole.into_data(), Tolerance::absolute(1e-6));
-        let p: Vec<f32> = probs.narrow(2, 0, 1).into_data().to_vec().unwrap();
+        let p: Vec<f32> = probs.narrow(2, 0, 1).into_data().try_to_vec().unwrap();
         assert!((p[0] - 1.0).abs() < 1e-6 && p[1..t].iter().all(|&x| x < 1e-6), "the first query sees only itself");
     }
 }

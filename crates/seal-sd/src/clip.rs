@@ -106,6 +106,11 @@ pub struct ClipMlp {
 }
 
 impl ClipTextModel {
+    /// The most tokens a prompt encodes to (77 for CLIP): the cross-attention's key length.
+    pub fn max_tokens(&self) -> usize {
+        self.text_model.embeddings.position_embedding.weight.lazy_shape()[0]
+    }
+
     pub fn new(config: &ClipTextConfig, device: &Device) -> Self {
         let d = config.hidden_size;
         let eps = config.layer_norm_eps;

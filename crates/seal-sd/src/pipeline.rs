@@ -455,11 +455,16 @@ impl StableDiffusion {
     /// once per block after the first, so the side must divide evenly all the way down.
     pub fn image_size(&self, wanted: Option<usize>) -> Result<usize, ModelError> {
         let size = wanted.unwrap_or(self.info.sample_size);
-        let step = self.vae_config.downscale() << (self.unet_config.block_out_channels.len() - 1);
+        let step = self.size_step();
         if size == 0 || !size.is_multiple_of(step) || size > 2048 {
             return Err(ModelError::Unsupported(format!("image size {size} px: this model needs a multiple of {step} px, at most 2048 (its own is {})", self.info.sample_size)));
         }
         Ok(size)
+    }
+
+    /// Image sides must be multiples of this (the VAE's and the UNet's downsampling).
+    pub fn size_step(&self) -> usize {
+        self.vae_config.downscale() << (self.unet_config.block_out_channels.len() - 1)
     }
 
     /// A sampler of `kind` (or the model's own) over the model's schedule.

@@ -19,13 +19,15 @@ pub struct Engine {
     device: Device,
     backend: String,
     limits: Option<String>,
+    /// The largest buffer a shader may bind (WebGPU's maxStorageBufferBindingSize).
+    max_buffer: Option<u64>,
 }
 
 #[wasm_bindgen]
 impl Engine {
     /// Burn's pure-Rust CPU backend (flex): always available.
     pub fn cpu() -> Engine {
-        Engine { device: Device::flex(), backend: "cpu".into(), limits: None }
+        Engine { device: Device::flex(), backend: "cpu".into(), limits: None, max_buffer: None }
     }
 
     /// Burn's wgpu backend on the browser's WebGPU.
@@ -41,7 +43,8 @@ impl Engine {
             "device": limits_json(&setup.device.limits()),
             "adapter": limits_json(&setup.adapter.limits()),
         });
-        Ok(Engine { device, backend: "webgpu".into(), limits: Some(limits.to_string()) })
+        let max_buffer = Some(setup.device.limits().max_storage_buffer_binding_size);
+        Ok(Engine { device, backend: "webgpu".into(), limits: Some(limits.to_string()), max_buffer })
     }
 
     /// `"webgpu"` or `"cpu"`.

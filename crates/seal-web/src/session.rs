@@ -12,6 +12,7 @@ use seal_core::progress::Losses;
 use seal_core::prompts::{BUILT_IN, parse_list, split};
 use seal_core::scan::{Scan, ScanSettings, lora_tags};
 use seal_core::unlearn::instant::InstantSettings;
+use seal_core::unlearn::memory::{check_fits, step_memory};
 use seal_core::unlearn::run::{Recipe, SealMode, SealRun};
 use seal_core::unlearn::{SealSettings, describe_trigger};
 use seal_sd::pipeline::{Files, LoraMode, ModelSource, StableDiffusion, files_to_read};
@@ -83,10 +84,23 @@ pub struct Session {
     /// The most f32 weight bytes a model may have on this engine (the CPU engine keeps them in
     /// wasm32's 4 GiB), checked before loading so that a model too large is refused, not a crash.
     weight_budget: Option<u64>,
+    /// The largest tensor the device can bind (WebGPU); none on the CPU.
+    max_buffer: Option<u64>,
 }
 
 /// Weights on the CPU engine: wasm32 addresses 4 GiB in all, and sealing needs room beside them.
 const CPU_WEIGHT_BUDGET: u64 = 3 << 30;
+
+/// What a wasm32 module can address.
+const WASM32_MEMORY: u64 = 4 << 30;
+
+/// The wasm heap's size now (it never shrinks); 0 natively, where no budget applies.
+fn heap_bytes() -> u64 {
+    #[cfg(target_family = "wasm")]
+    return core::arch::wasm32::memory_size(0) as u64 * 65536;
+    #[cfg(not(target_family = "wasm"))]
+    0
+}
 
 /// Enlargement of the scan's thumbnails (the page shows them at their pixel size).
 const SCAN_THUMBNAIL_SCALE: usize = 2;
@@ -116,6 +130,7 @@ impl Session {
             maps: None,
             scan: None,
             weight_budget: (engine.backend == "cpu" && cfg!(target_family = "wasm")).then_some(CPU_WEIGHT_BUDGET),
+            max_buffer: engine.max_buffer,
         }
     }
 
@@ -249,11 +264,29 @@ impl Session {
         let mode: SealMode = mode.parse()?;
         let settings: SealSettings = serde_json::from_str(settings).map_err(|e| format!("settings: {e}"))?;
         let instant: InstantSettings = serde_json::from_str(instant).map_err(|e| format!("instant settings: {e}"))?;
+        if mode != SealMode::Instant {
+            let (budget, max_buffer) = self.step_limits(teacher);
+            check_fits(teacher, &settings, budget, max_buffer)?;
+        }
         let run = SealRun::new(teacher, prompts, triggers, mode, instant, settings.clone())?;
         self.forget_results();
         self.triggers = run.triggers().to_vec();
         self.run = Some(run);
         json(&settings)
+    }
+
+    /// The memory a thorough sealing step with `settings` (JSON) needs, against what this
+    /// engine offers: `{total, weights, activations, largest, budget, max_buffer, fits}` in
+    /// bytes (`budget`/`max_buffer` null where the engine sets none), or the refusal's message
+    /// as `error`.
+    pub fn step_memory(&self, settings: &str) -> Result<String, String> {
+        let teacher = self.teacher.as_ref().ok_or("load a model first")?;
+        let settings: SealSettings = serde_json::from_str(settings).map_err(|e| format!("settings: {e}"))?;
+        let need = step_memory(teacher, &settings)?;
+        let (budget, max_buffer) = self.step_limits(teacher);
+        let error = check_fits(teacher, &settings, budget, max_buffer).err();
+        let known = |b: u64| (b != u64::MAX).then_some(b);
+        json(&json!({ "need": need, "budget": known(budget), "max_buffer": known(max_buffer), "fits": error.is_none(), "error": error }))
     }
 
     /// One sealing step; resolves to the `Progress` JSON (task `instant` or `seal`), or
@@ -470,6 +503,18 @@ impl Session {
         self.lora = None;
         self.scan = None;
         self.forget_results();
+    }
+
+    /// (bytes a step may use in all, the largest tensor): on the CPU engine, the weights plus
+    /// what wasm32's 4 GiB has left; on WebGPU, no total (the browser does not tell) but the
+    /// device's binding limit.
+    fn step_limits(&self, teacher: &StableDiffusion) -> (u64, u64) {
+        let weights = 4 * (teacher.info.unet_parameters + teacher.info.text_encoder_parameters + teacher.info.vae_parameters) as u64;
+        let budget = match self.weight_budget {
+            Some(_) => weights + WASM32_MEMORY.saturating_sub(heap_bytes()),
+            None => u64::MAX,
+        };
+        (budget, self.max_buffer.unwrap_or(u64::MAX))
     }
 
     fn forget_results(&mut self) {

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod instant;
+pub mod memory;
 pub mod run;
 pub mod settings;
 pub mod tokens;

@@ -3,6 +3,7 @@
 
 pub mod blocks;
 pub mod config;
+pub mod memory;
 pub mod transformer;
 
 use burn::module::Module;

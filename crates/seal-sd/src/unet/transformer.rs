@@ -130,6 +130,10 @@ impl Attention {
         }
     }
 
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
     /// With `capture`, also the probabilities (whole); without, the output in query chunks.
     fn forward(&self, x: Tensor<3>, context: Tensor<3>, capture: bool) -> (Tensor<3>, Option<Tensor<4>>) {
         let (q, k, v) = (self.to_q.forward(x), self.to_k.forward(context.clone()), self.to_v.forward(context));

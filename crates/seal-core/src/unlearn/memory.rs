@@ -1,0 +1,127 @@
+//! The memory a sealing step needs, estimated before any work, so that a seal that cannot fit
+//! is refused with a size to try instead of taking the tab (or the GPU) down.
+
+use seal_sd::pipeline::StableDiffusion;
+use serde::Serialize;
+
+use super::{AttnTarget, LatentSource, SealSettings};
+
+/// Measured on the CPU backend (`seal bench --real-size`, BK-SDM-tiny shape; peak above the
+/// loaded weights): 1127 / 1056 MiB at 128 px, batch 1 / 4; 1935 / 4919 MiB at 256 px. The
+/// per-layer count gave 182 / 727 / 923 / 3693 MiB: the peak is about one UNet weight copy
+/// (1233 MiB here) above it, and grows ~8 % faster per image than counted.
+const MEASURED_SLACK: f64 = 1.1;
+
+/// Bytes a sealing step needs (f32 weights and activations).
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct StepMemory {
+    /// The model's weights (teacher and student share them).
+    pub weights: u64,
+    /// The step's peak beyond the weights: the student's taped forwards (one, two with the
+    /// preservation term) and their backward, or the teacher's untaped forwards if larger.
+    pub activations: u64,
+    /// The largest single tensor (one device buffer).
+    pub largest: u64,
+    pub total: u64,
+}
+
+/// The estimate for `settings` on `model` (the resolution as `settings` resolves it).
+pub fn step_memory(model: &StableDiffusion, settings: &SealSettings) -> Result<StepMemory, String> {
+    let size = model.image_size(settings.resolution).map_err(|e| format!("settings: {e}"))?;
+    let side = size / model.vae_config.downscale();
+    let forward = model.unet.forward_memory(settings.batch, side, model.text_encoder.max_tokens());
+    let taped = 1 + u64::from(settings.preserve_weight > 0.0);
+    let unet_weights = 4 * model.info.unet_parameters as u64;
+    // The backward holds a gradient of the largest activation beside its input and output; the
+    // tape also holds about one more copy of the UNet's weights, and the per-layer count runs
+    // under the measured peak (see `MEASURED_SLACK`).
+    let student = (MEASURED_SLACK * (taped * forward.saved) as f64) as u64 + 3 * forward.largest + unet_weights;
+    // Sampling trajectories runs the teacher on twice the batch (classifier-free guidance).
+    let teacher = match settings.latents {
+        LatentSource::Noise => forward.untaped_peak(),
+        _ => model.unet.forward_memory(2 * settings.batch, side, model.text_encoder.max_tokens()).untaped_peak(),
+    };
+    let substitute = if settings.attn_target == AttnTarget::Substitute { forward.untaped_peak() } else { 0 };
+    let weights = 4 * (model.info.unet_parameters + model.info.text_encoder_parameters + model.info.vae_parameters) as u64;
+    let activations = student.max(teacher).max(substitute);
+    Ok(StepMemory { weights, activations, largest: forward.largest, total: weights + activations })
+}
+
+/// Refuses `settings` when their step needs more than `budget` bytes in all, or a tensor larger
+/// than `max_buffer`, naming the largest resolution (then batch) that would fit.
+pub fn check_fits(model: &StableDiffusion, settings: &SealSettings, budget: u64, max_buffer: u64) -> Result<StepMemory, String> {
+    let need = step_memory(model, settings)?;
+    if need.total <= budget && need.largest <= max_buffer {
+        return Ok(need);
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let what = if need.total > budget {
+        format!("about {:.1} GiB ({:.1} GiB of weights), more than the {:.1} GiB this engine can use", gib(need.total), gib(need.weights), gib(budget))
+    } else {
+        format!("a {:.0} MiB tensor, more than the device's {:.0} MiB buffer limit", need.largest as f64 / (1 << 20) as f64, max_buffer as f64 / (1 << 20) as f64)
+    };
+    let step = model.size_step();
+    let fits = |s: &SealSettings| step_memory(model, s).is_ok_and(|m| m.total <= budget && m.largest <= max_buffer);
+    let size = model.image_size(settings.resolution).unwrap_or(step);
+    let smaller = (1..)
+        .map(|k| size.saturating_sub(k * step))
+        .take_while(|&r| r >= step)
+        .find(|&r| fits(&SealSettings { resolution: Some(r), ..settings.clone() }))
+        .map(|r| format!("a resolution of {r} px"));
+    let fewer = (1..settings.batch).rev().find(|&b| fits(&SealSettings { batch: b, ..settings.clone() })).map(|b| format!("a batch of {b}"));
+    let hint = match (fewer, smaller) {
+        (Some(b), Some(r)) => format!("try {b}, or {r}"),
+        (Some(x), None) | (None, Some(x)) => format!("try {x}"),
+        (None, None) => "even the smallest resolution and a batch of 1 do not fit here; the instant seal needs no UNet training".into(),
+    };
+    Err(format!("a sealing step at {size} px, batch {} needs {what}: {hint}", settings.batch))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+    use seal_sd::clip::ClipTextConfig;
+    use seal_sd::tokenizer::ClipTokenizer;
+    use seal_sd::unet::UNetConfig;
+    use seal_sd::vae::VaeConfig;
+
+    use super::*;
+
+    /// SD 1.5's architecture with lazy (never allocated) random weights.
+    fn sd15() -> StableDiffusion {
+        let text = std::fs::read_to_string(crate::fixtures().join("layouts/unet_sd15.json")).unwrap();
+        let layout: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let unet = UNetConfig::from_json(&layout["config"].to_string()).unwrap();
+        StableDiffusion::random(&unet, &ClipTextConfig::vit_l14(), &VaeConfig::sd(), ClipTokenizer::openai_clip().unwrap(), &Device::flex())
+    }
+
+    #[test]
+    fn the_estimate_scales_with_batch_and_pixels_and_refuses_with_a_size_to_try() {
+        let model = sd15();
+        let at = |batch, side| step_memory(&model, &SealSettings { batch, resolution: Some(side), ..SealSettings::default() }).unwrap();
+        let (small, batch4, side2x) = (at(1, 256), at(4, 256), at(1, 512));
+        assert_eq!(small.weights, 4 * 1_066_235_307);
+        // Beyond the tape's copy of the UNet weights, activations grow with images and pixels.
+        let per = |m: StepMemory| m.activations - 4 * model.info.unet_parameters as u64;
+        assert!(per(batch4) > 3 * per(small) && per(side2x) > 4 * per(small), "{small:?} {batch4:?} {side2x:?}");
+        // Self-attention is taken in chunks: no tensor of a 512-px step passes 335 MiB (the
+        // feed-forward's 8x projection at batch 8), though its scores would be 4 GiB whole.
+        assert!(at(8, 512).largest <= 8 * 4096 * 2560 * 4);
+
+        let gib = 1u64 << 30;
+        let settings = SealSettings { batch: 8, resolution: Some(512), ..SealSettings::default() };
+        // 512 px at batch 8 with 24 GiB: each hint given (a batch, a resolution) fits.
+        let budget = small.weights + 20 * gib;
+        let err = check_fits(&model, &settings, budget, u64::MAX).unwrap_err();
+        assert!(err.starts_with("a sealing step at 512 px, batch 8 needs about") && err.contains(": try "), "{err}");
+        let number = |after: &str| err.split(after).nth(1).map(|t| t.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<usize>().unwrap());
+        let (batch, side) = (number("batch of "), number("resolution of "));
+        assert!(batch.is_some() && side.is_some(), "{err}");
+        assert!(check_fits(&model, &SealSettings { batch: batch.unwrap(), ..settings.clone() }, budget, u64::MAX).is_ok(), "{err}");
+        assert!(check_fits(&model, &SealSettings { resolution: side, ..settings.clone() }, budget, u64::MAX).is_ok(), "{err}");
+        let err = check_fits(&model, &settings, u64::MAX, 128 << 20).unwrap_err();
+        assert!(err.contains("buffer limit"), "{err}");
+        let err = check_fits(&model, &settings, small.weights, u64::MAX).unwrap_err();
+        assert!(err.contains("instant seal"), "{err}");
+    }
+}
