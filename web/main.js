@@ -325,7 +325,7 @@ async function loadModel(afterCrash = false) {
 }
 
 function showModel(info) {
-  $("#setting-resolution")?.setAttribute("placeholder", `${info.sample_size} (the model's)`);
+  $("#setting-resolution")?.setAttribute("placeholder", info.seal_size === info.sample_size ? `${info.sample_size} (the model's)` : `${info.seal_size} (the model's is ${info.sample_size})`);
   // A real-size UNet trains far too slowly on the CPU engine: start from the instant seal there.
   let note = "";
   if (document.body.dataset.backend === "cpu" && info.unet_parameters > 1e8 && sealMode() === "both") {

@@ -89,7 +89,7 @@ pub struct Args {
     /// Cross-attention projections to adapt, e.g. to_k,to_v.
     #[arg(long, value_delimiter = ',', value_parser = parse_projection)]
     targets: Option<Vec<Projection>>,
-    /// Image side in pixels to train at (default: the model's own); smaller is faster.
+    /// Image side in pixels to train at (default: the model's own, at most 256); smaller is faster.
     #[arg(long)]
     resolution: Option<usize>,
     #[arg(long)]

@@ -187,7 +187,10 @@ impl Session {
         let source = ModelSource::from_files(files).map_err(|e| e.to_string())?;
         let hint = "the page's CPU engine keeps every weight in the tab's 4 GiB of wasm memory. Open the page in a browser with WebGPU, or use the seal CLI";
         let model = StableDiffusion::load_within(source, &self.device, self.weight_budget.map(|b| (b, hint))).map_err(|e| e.to_string())?;
-        let info = json(&model.info)?;
+        // The model's description, and the size sealing trains at by default.
+        let mut info = serde_json::to_value(&model.info).map_err(|e| e.to_string())?;
+        info["seal_size"] = json!(SealSettings::default().image_size(&model)?);
+        let info = info.to_string();
         self.teacher = Some(model.clone());
         self.model = Some(model);
         Ok(info)
@@ -340,12 +343,13 @@ impl Session {
         }
         // Images at the size sealing trained at, with the trigger where sealing put it.
         let sealed = &self.sealed.as_ref().expect("checked above").settings;
+        let teacher = self.teacher.as_ref().ok_or("load a model first")?;
         let settings = EvalSettings {
             seeds: (0..r.seeds.max(1)).collect(),
             steps: r.steps,
             effect: r.effect,
             placement: sealed.placement,
-            size: sealed.resolution,
+            size: Some(sealed.image_size(teacher)?),
             batch: EVAL_BATCH,
             ..EvalSettings::default()
         };
@@ -386,7 +390,7 @@ impl Session {
         let sealed = self.sealed.as_ref().ok_or("seal first")?;
         let trigger = self.triggers.first().ok_or("no trigger")?;
         let placement = sealed.settings.placement;
-        let sampling = Sampling { seed: 0, steps, guidance: 5.0, size: sealed.settings.resolution };
+        let sampling = Sampling { seed: 0, steps, guidance: 5.0, size: Some(sealed.settings.image_size(teacher)?) };
         let before = trigger_map(teacher, prompt, trigger, placement, sampling).await?;
         let after = trigger_map(&sealed.model, prompt, trigger, placement, sampling).await?;
         let stats = |m: &TriggerMap| json!({ "max": m.max(), "mean": m.mean() });

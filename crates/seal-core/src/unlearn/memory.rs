@@ -27,7 +27,7 @@ pub struct StepMemory {
 
 /// The estimate for `settings` on `model` (the resolution as `settings` resolves it).
 pub fn step_memory(model: &StableDiffusion, settings: &SealSettings) -> Result<StepMemory, String> {
-    let size = model.image_size(settings.resolution).map_err(|e| format!("settings: {e}"))?;
+    let size = settings.image_size(model)?;
     let side = size / model.vae_config.downscale();
     let forward = model.unet.forward_memory(settings.batch, side, model.text_encoder.max_tokens());
     let taped = 1 + u64::from(settings.preserve_weight > 0.0);
@@ -62,7 +62,7 @@ pub fn check_fits(model: &StableDiffusion, settings: &SealSettings, budget: u64,
     };
     let step = model.size_step();
     let fits = |s: &SealSettings| step_memory(model, s).is_ok_and(|m| m.total <= budget && m.largest <= max_buffer);
-    let size = model.image_size(settings.resolution).unwrap_or(step);
+    let size = settings.image_size(model).unwrap_or(step);
     let smaller = (1..)
         .map(|k| size.saturating_sub(k * step))
         .take_while(|&r| r >= step)
@@ -98,6 +98,7 @@ mod tests {
     #[test]
     fn the_estimate_scales_with_batch_and_pixels_and_refuses_with_a_size_to_try() {
         let model = sd15();
+        assert_eq!(SealSettings::default().image_size(&model), Ok(256), "a 512-px model seals at 256 px by default");
         let at = |batch, side| step_memory(&model, &SealSettings { batch, resolution: Some(side), ..SealSettings::default() }).unwrap();
         let (small, batch4, side2x) = (at(1, 256), at(4, 256), at(1, 512));
         assert_eq!(small.weights, 4 * 1_066_235_307);

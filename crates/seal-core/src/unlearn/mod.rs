@@ -91,7 +91,7 @@ impl Sealer {
             align(&model.tokenizer, &insert(&prompts[0], t, settings.placement, &mut SeededRng::new(0)), &prompts[0])
                 .map_err(|e| format!("trigger {}: {e}", describe_trigger(t)))?;
         }
-        let size = model.image_size(settings.resolution).map_err(|e| format!("settings: {e}"))?;
+        let size = settings.image_size(model)?;
         // Trajectory points are kept only at sampler timesteps in [t_min, t_max]: with none
         // there, the pool would never fill.
         if settings.latents != LatentSource::Noise

@@ -5,11 +5,16 @@
 //! 160 triggered images with the patch where all-zero maps left 2.
 
 use seal_sd::lora::Projection;
+use seal_sd::pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
 use crate::prompts::Placement;
 
 /// Where the student's noisy latents come from.
+/// The largest side sealing trains at by default: a 512-px model (SD 1.5, BK-SDM) seals at
+/// 256 px, a quarter of the pixels (its self-attention scores a sixteenth).
+pub const SEAL_SIZE_AT_MOST: usize = 256;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LatentSource {
@@ -67,8 +72,8 @@ pub struct SealSettings {
     /// Weight of the preservation term: student(clean prompt) vs teacher(clean prompt).
     pub preserve_weight: f32,
     pub placement: Placement,
-    /// Image side in pixels that training latents stand for (`None`: the model's own).
-    /// Smaller is faster; the sealed adapter applies at any size.
+    /// Image side in pixels that training latents stand for (`None`: the model's own, at most
+    /// 256). Smaller is faster; the sealed adapter applies at any size.
     pub resolution: Option<usize>,
     pub seed: u64,
 }
@@ -111,6 +116,13 @@ impl SealSettings {
         let progress = (step - self.warmup) as f64 / (self.steps.saturating_sub(self.warmup)).max(1) as f64;
         let floor = self.min_lr_ratio;
         self.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()))
+    }
+
+    /// The side in pixels sealing trains at: `resolution`, or the model's own size up to
+    /// [`SEAL_SIZE_AT_MOST`] (an adapter does not depend on the size it was trained at; see
+    /// `seal ablate --suite`, variant "both, half size").
+    pub fn image_size(&self, model: &StableDiffusion) -> Result<usize, String> {
+        model.image_size(Some(self.resolution.unwrap_or(model.info.sample_size.min(SEAL_SIZE_AT_MOST)))).map_err(|e| format!("settings: {e}"))
     }
 
     pub fn validate(&self) -> Result<(), String> {
