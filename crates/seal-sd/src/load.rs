@@ -28,18 +28,19 @@ pub fn load_module<M: Module>(module: M, weights: &Component) -> Result<(M, Vec<
 
 /// Every parameter's diffusers name and shape, without allocating the parameters.
 pub fn parameter_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
-    let mut v = ShapeLister { path: Vec::new(), out: Vec::new() };
+    let mut v = ParamLister { path: Vec::new(), values: false, out: Vec::new() };
     module.visit(&mut v);
-    v.out
+    v.out.into_iter().map(|(name, shape, _)| (name, shape)).collect()
 }
 
 /// Every parameter's diffusers name, shape and values (read back from the device): what a
 /// trained module is saved from, the inverse of [`load_module`].
 pub async fn parameter_values<M: Module>(module: &M) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, String> {
-    let mut v = ValueLister { path: Vec::new(), out: Vec::new() };
+    let mut v = ParamLister { path: Vec::new(), values: true, out: Vec::new() };
     module.visit(&mut v);
     let mut out = Vec::with_capacity(v.out.len());
     for (name, shape, values) in v.out {
+        let values = values.expect("asked for values");
         let data = values.into_data_async().await.map_err(|e| format!("{name}: {e:?}"))?;
         out.push((name, shape, data.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?));
     }
@@ -140,31 +141,15 @@ impl ModuleMapper for Loader<'_> {
     }
 }
 
-struct ShapeLister {
+/// Every parameter's diffusers name and shape, and with `values` its values (flattened; this
+/// allocates lazy parameters, so `parameter_shapes` asks for none).
+struct ParamLister {
     path: Vec<String>,
-    out: Vec<(String, Vec<usize>)>,
+    values: bool,
+    out: Vec<(String, Vec<usize>, Option<Tensor<1>>)>,
 }
 
-impl ModuleVisitor for ShapeLister {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out.push((diffusers_name(&self.path.join(".")), param.lazy_shape().to_vec()));
-    }
-}
-
-struct ValueLister {
-    path: Vec<String>,
-    out: Vec<(String, Vec<usize>, Tensor<1>)>,
-}
-
-impl ModuleVisitor for ValueLister {
+impl ModuleVisitor for ParamLister {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -175,7 +160,7 @@ impl ModuleVisitor for ValueLister {
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let shape = param.lazy_shape().to_vec();
-        let values = param.val().reshape([shape.iter().product::<usize>()]);
+        let values = self.values.then(|| param.val().reshape([shape.iter().product::<usize>()]));
         self.out.push((diffusers_name(&self.path.join(".")), shape, values));
     }
 }
