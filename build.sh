@@ -3,7 +3,8 @@
 #   ./build.sh serve   build the page and serve it on http://127.0.0.1:${PORT:-8080}/
 #   ./build.sh wasm    build the page's wasm module into dist/
 #   ./build.sh test    install what is missing, then run every test (native and in headless Chromium)
-#   ./build.sh bench   time models, generation and sealing on the CPU backend -> bench-results/bench.json
+#   ./build.sh bench   time models, generation and sealing on the CPU backend -> bench-results/bench.json, real-size.json
+#   ./build.sh ablate  judge the seal's recipes on the validation suite -> bench-results/ablation-suite.json
 # Builds and tools are cached outside the clone, in ${SEAL_CACHE:-~/.cache/seal}.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -126,15 +127,24 @@ cmd_test() {
 cmd_bench() {
   phase "release cli" cargo build --quiet --release -p seal-cli
   "$CARGO_TARGET_DIR/release/seal" bench --fixtures ../shared/fixtures --out bench-results/bench.json
+  "$CARGO_TARGET_DIR/release/seal" bench --fixtures ../shared/fixtures --real-size bk_sdm_tiny --batches 1,4 --sides 128,256 \
+    --out bench-results/real-size.json
+}
+
+# The seal's recipes on the validation suite (planted models made once into $SEAL_CACHE/suite).
+cmd_ablate() {
+  phase "release cli" cargo build --quiet --release -p seal-cli
+  "$CARGO_TARGET_DIR/release/seal" ablate --suite --fixtures ../shared/fixtures --out bench-results/ablation-suite.json
 }
 
 case "${1:-}" in
   serve) cmd_serve ;;
   bench) cmd_bench ;;
+  ablate) cmd_ablate ;;
   wasm) cmd_wasm ;;
   test) cmd_test ;;
   *)
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac
