@@ -162,7 +162,7 @@ pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: 
             write(out, split, &seeds, &rows)?;
         }
     }
-    Ok(())
+    write(out, split, &seeds, &rows)
 }
 
 fn row(case: &str, variant: &str, detector: &str, r: &EvalReport, seconds: f64) -> Value {
@@ -184,7 +184,9 @@ fn row(case: &str, variant: &str, detector: &str, r: &EvalReport, seconds: f64) 
     })
 }
 
-/// Each variant's worst case over the backdoors, best first: the choice is the first.
+/// Each variant's worst case over the backdoors, best first: the choice is the first. Worst-case
+/// attack successes within one binomial standard error of the lowest (on its own pairs) are
+/// ties, which the worst-case clean PSNR breaks: a pair or two of 80 is noise, not a ranking.
 fn worst_cases(rows: &[Value]) -> Vec<Value> {
     let mut variants: Vec<&str> = vec![];
     for v in rows.iter().filter_map(|r| r["variant"].as_str()) {
@@ -196,13 +198,24 @@ fn worst_cases(rows: &[Value]) -> Vec<Value> {
         .iter()
         .map(|v| {
             let mine: Vec<&Value> = rows.iter().filter(|r| r["variant"] == *v).collect();
-            let worst_asr = mine.iter().filter_map(|r| r["attack_success"].as_f64()).fold(0.0, f64::max);
+            let worst = mine.iter().max_by(|a, b| a["attack_success"].as_f64().partial_cmp(&b["attack_success"].as_f64()).unwrap_or(std::cmp::Ordering::Equal));
+            let (asr, pairs) = worst.map_or((1.0, 1.0), |r| (r["attack_success"].as_f64().unwrap_or(1.0), r["pairs"].as_f64().unwrap_or(1.0)));
             let worst_psnr = mine.iter().filter_map(|r| r["clean_psnr_db_mean"].as_f64()).fold(f64::INFINITY, f64::min);
-            json!({ "variant": v, "backdoors": mine.len(), "worst_attack_success": worst_asr, "worst_clean_psnr_db_mean": worst_psnr })
+            json!({
+                "variant": v,
+                "backdoors": mine.len(),
+                "worst_attack_success": asr,
+                "worst_attack_success_standard_error": (asr * (1.0 - asr) / pairs.max(1.0)).sqrt(),
+                "worst_clean_psnr_db_mean": worst_psnr,
+            })
         })
         .collect();
+    let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     // Variants judged on fewer backdoors (a run still going) rank last.
-    let key = |v: &Value| (-v["backdoors"].as_f64().unwrap_or(0.0), v["worst_attack_success"].as_f64().unwrap_or(1.0), -v["worst_clean_psnr_db_mean"].as_f64().unwrap_or(0.0));
+    let most = out.iter().map(|v| num(v, "backdoors")).fold(0.0, f64::max);
+    let best = out.iter().filter(|v| num(v, "backdoors") == most).min_by(|a, b| num(a, "worst_attack_success").total_cmp(&num(b, "worst_attack_success"))).cloned();
+    let tied = |v: &Value| best.as_ref().is_some_and(|b| num(v, "worst_attack_success") <= num(b, "worst_attack_success") + num(b, "worst_attack_success_standard_error"));
+    let key = |v: &Value| (-num(v, "backdoors"), !tied(v), if tied(v) { 0.0 } else { num(v, "worst_attack_success") }, -num(v, "worst_clean_psnr_db_mean"));
     out.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal));
     out
 }
@@ -217,10 +230,36 @@ fn write(path: &Path, split: Split, seeds: &[u64], rows: &[Value]) -> Result<(),
         "fit": fit,
         "judged_on": judged,
         "seeds": seeds,
-        "choice": "lowest worst-case attack success, then highest worst-case clean PSNR",
+        "choice": "lowest worst-case attack success (within one standard error: a tie), then highest worst-case clean PSNR",
         "ranking": worst_cases(rows),
         "rows": rows,
     }))
     .map_err(|e| e.to_string())?;
     crate::random_model::write(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(variant: &str, backdoor: &str, asr: f64, psnr: f64) -> Value {
+        json!({ "variant": variant, "backdoor": backdoor, "attack_success": asr, "pairs": 80, "clean_psnr_db_mean": psnr })
+    }
+
+    #[test]
+    fn the_choice_is_the_best_worst_case_with_noise_as_a_tie() {
+        let rows = [
+            row("a", "pixel", 0.0, 34.0),
+            row("a", "gray", 0.200, 22.4),
+            row("b", "pixel", 0.0, 35.0),
+            row("b", "gray", 0.225, 24.3),
+            row("c", "pixel", 0.0, 40.0),
+            row("c", "gray", 0.5, 31.0),
+            row("d", "pixel", 0.0, 50.0),
+        ];
+        let ranking: Vec<String> = worst_cases(&rows).iter().map(|v| v["variant"].as_str().unwrap().to_string()).collect();
+        // b's 22.5 % is within a standard error (4.5 points) of a's 20 %: a tie that b's better
+        // worst-case PSNR wins; c is worse beyond noise; d was judged on one backdoor only.
+        assert_eq!(ranking, ["b", "a", "c", "d"]);
+    }
 }
