@@ -53,6 +53,9 @@ test("the demo: load, seal a few steps with the page responsive, compare, downlo
     await fill(page, { "#setting-trajectory_steps": 8 });
     await page.click("#advanced summary");
     assert.ok(await page.isChecked("#mode input[value=both]"), "instant, then thorough by default");
+    // The memory plan of a step, against the CPU engine's 4 GiB.
+    await page.waitForSelector("#step-memory[data-fits=true]");
+    assert.match(await page.textContent("#step-memory"), /^A sealing step needs about \d+ MiB \(\d+ MiB of weights, largest tensor \d+ MiB\); this engine can use \d\.\d GiB\.$/);
     assert.ok(await page.$("#setting-instant-lambda"), "the instant seal's settings come from the engine");
     await shot(page, "app-1-demo-loaded");
 

@@ -671,7 +671,7 @@ async function showStepMemory() {
   if (!model.loaded || busy || sealMode() === "instant") return (line.hidden = true);
   try {
     const plan = JSON.parse(await call("step_memory", JSON.stringify(readSettings())));
-    const gib = (b) => `${(b / 2 ** 30).toFixed(1)} GiB`;
+    const gib = (b) => (b < 2 ** 30 ? `${(b / MiB).toFixed(0)} MiB` : `${(b / 2 ** 30).toFixed(1)} GiB`);
     const offered = plan.budget != null ? `; this engine can use ${gib(plan.budget)}` : "; WebGPU does not say how much memory it has";
     line.textContent = plan.fits
       ? `A sealing step needs about ${gib(plan.need.total)} (${gib(plan.need.weights)} of weights, largest tensor ${(plan.need.largest / MiB).toFixed(0)} MiB)${offered}.`
