@@ -83,9 +83,10 @@ pub struct Args {
     preserve: Option<f32>,
     #[arg(long)]
     placement: Option<Placement>,
-    /// Also adapt the text encoder's self-attention projections.
+    /// Adapt the text encoder's self-attention projections too (default true; false: the
+    /// UNet's cross-attention only).
     #[arg(long)]
-    text_encoder: bool,
+    text_encoder: Option<bool>,
     /// Cross-attention projections to adapt, e.g. to_k,to_v.
     #[arg(long, value_delimiter = ',', value_parser = parse_projection)]
     targets: Option<Vec<Projection>>,
@@ -159,15 +160,12 @@ fn settings(args: &Args) -> Result<SealSettings, String> {
     macro_rules! set {
         ($($f:ident),*) => { $(if let Some(v) = args.$f.clone() { s.$f = v; })* };
     }
-    set!(steps, batch, rank, alpha, lr, attn_weight, attn_target, latents, placement, targets, seed);
+    set!(steps, batch, rank, alpha, lr, attn_weight, attn_target, latents, placement, targets, seed, text_encoder);
     if args.resolution.is_some() {
         s.resolution = args.resolution;
     }
     if let Some(p) = args.preserve {
         s.preserve_weight = p;
-    }
-    if args.text_encoder {
-        s.text_encoder = true;
     }
     if args.no_attn_loss {
         s.use_attn_loss = false;

@@ -1,8 +1,11 @@
-//! Sealing settings. The defaults come from runs on the pixel-backdoored fixture (held-out
-//! prompts x 4 seeds, patch detector; `seal ablate`): pure-noise latents beat the teacher's
-//! and the student's trajectories, lr 2e-3 over 300 steps with a preservation weight of 1 keeps
-//! clean PSNR above 25 dB, and uniform noise as the trigger tokens' attention target left 1 of
-//! 160 triggered images with the patch where all-zero maps left 2.
+//! Sealing settings. Most defaults come from the first runs on the pixel-backdoored fixture
+//! (`seal ablate`): pure-noise latents beat the teacher's and the student's trajectories, lr
+//! 2e-3 over 300 steps with a preservation weight of 1 keeps clean PSNR above 25 dB, uniform
+//! noise as the trigger tokens' attention target. Adapters on the text encoder too were chosen
+//! on the validation suite (`seal ablate --suite`: the pixel fixture and planted style and
+//! object-swap backdoors, validation prompts and seeds), as the best worst case: the style
+//! backdoor at 17.5 % attack success where UNet-only adapters left 22.5 %, clean PSNR 27.1 dB
+//! where they kept 24.3.
 
 use seal_sd::lora::Projection;
 use seal_sd::pipeline::StableDiffusion;
@@ -86,7 +89,7 @@ impl Default for SealSettings {
             rank: 4,
             alpha: 4.0,
             targets: vec![Projection::ToK, Projection::ToV],
-            text_encoder: false,
+            text_encoder: true,
             lr: 2e-3,
             warmup: 10,
             min_lr_ratio: 0.1,
