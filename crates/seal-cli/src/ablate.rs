@@ -40,7 +40,7 @@ pub struct Args {
     /// Seeds per held-out prompt for the final adapter (issue 6 asks for at least 4).
     #[arg(long, default_value_t = 4)]
     final_seeds: u64,
-    /// Only the variants whose name contains this (with --suite: the comma-separated names).
+    /// Only the variants whose name contains this (with --suite: the names, separated by `;`).
     #[arg(long)]
     only: Option<String>,
     /// Ablate the instant (closed-form) seal instead, on the validation split of the

@@ -120,7 +120,7 @@ fn cases(fixtures: &Path, suite_dir: &Path, validation: &[String]) -> Result<Vec
     Ok(out)
 }
 
-/// Runs every variant (or those named in the comma-separated `only`) on
+/// Runs every variant (or those named in `only`, separated by `;`: names have commas) on
 /// every backdoor, a variant at a time, writing the JSON after each run (beside the rows of
 /// the other variants an earlier run of this split left).
 pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: Option<&str>, out: &Path) -> Result<(), String> {
@@ -134,7 +134,7 @@ pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: 
         let template = Evaluation::new(&case.validation, std::slice::from_ref(&case.trigger), vec![case.detector.clone()], settings)?.keeping_before();
         loaded.push((case, model, template));
     }
-    let chosen: Vec<_> = variants(steps).into_iter().filter(|(v, ..)| only.is_none_or(|o| o.split(',').any(|o| o.trim() == *v))).collect();
+    let chosen: Vec<_> = variants(steps).into_iter().filter(|(v, ..)| only.is_none_or(|o| o.split(';').any(|o| o.trim() == *v))).collect();
     // Rows of other variants from an earlier run of the same split are kept.
     let earlier: Option<Value> = std::fs::read_to_string(out).ok().and_then(|t| serde_json::from_str(&t).ok());
     let mut rows: Vec<Value> = earlier
