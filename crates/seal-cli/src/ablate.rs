@@ -106,7 +106,7 @@ pub fn run(args: Args) -> Result<(), String> {
     let model = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device)?;
     let read = |name: &str| std::fs::read_to_string(args.fixtures.join(name)).map_err(|e| format!("{name}: {e}"));
     let (train, validation) = split(&parse_list(&read("prompts/train.txt")?), 4);
-    let patch = Rgb::from_png("patch.png", &std::fs::read(args.fixtures.join("patch.png")).map_err(|e| e.to_string())?)?;
+    let patch = fixture_patch(&args.fixtures)?;
     let trigger = vec!["\u{200b}".to_string()];
     // The original model's images are generated once per seed set and kept.
     let judge = |seeds: u64| {
@@ -230,6 +230,12 @@ fn instant_variants() -> Vec<(String, InstantSettings)> {
     out
 }
 
+/// The pixel fixture's target patch (`patch.png`).
+pub fn fixture_patch(fixtures: &std::path::Path) -> Result<Rgb, String> {
+    let path = fixtures.join("patch.png");
+    Rgb::from_png("patch.png", &std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?)
+}
+
 /// Validation seeds: the acceptance tests judge held-out prompts with seeds 0..4, so no
 /// choice here is made on them (and every (prompt, seed) pair has its own noise anyway).
 pub const VALIDATION_SEEDS: std::ops::Range<u64> = 100..104;
@@ -241,7 +247,7 @@ fn run_instant(args: Args) -> Result<(), String> {
     let model = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device)?;
     let read = |name: &str| std::fs::read_to_string(args.fixtures.join(name)).map_err(|e| format!("{name}: {e}"));
     let (fit, validation) = split(&parse_list(&read("prompts/train.txt")?), 4);
-    let patch = Rgb::from_png("patch.png", &std::fs::read(args.fixtures.join("patch.png")).map_err(|e| e.to_string())?)?;
+    let patch = fixture_patch(&args.fixtures)?;
     let trigger = vec!["\u{200b}".to_string()];
     let settings = EvalSettings { seeds: VALIDATION_SEEDS.collect(), effect: false, batch: 20, ..EvalSettings::default() };
     let mut template = Evaluation::new(&validation, &trigger, vec![Detector::patch(patch, 0, 0)], settings)?.keeping_before();

@@ -12,7 +12,6 @@ use burn::tensor::read_sync;
 use seal_core::backdoor::{BackdoorSettings, Sample, Target, read_data, shape_of};
 use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
 use seal_core::export::sealing_adapter;
-use seal_core::image::Rgb;
 use seal_core::prompts::{parse_list, split};
 use seal_core::unlearn::SealSettings;
 use seal_core::unlearn::instant::InstantSettings;
@@ -20,7 +19,7 @@ use seal_core::unlearn::run::{SealMode, SealRun};
 use seal_sd::pipeline::LoraMode;
 use serde_json::{Value, json};
 
-use crate::ablate::VALIDATION_SEEDS;
+use crate::ablate::{VALIDATION_SEEDS, fixture_patch};
 use crate::backdoor::{RECORD, plant};
 
 /// The planted backdoors: a style backdoor on a rare character and an object swap on a word.
@@ -104,7 +103,7 @@ impl Split {
 }
 
 fn cases(fixtures: &Path, suite_dir: &Path, validation: &[String]) -> Result<Vec<Case>, String> {
-    let patch = Rgb::from_png("patch.png", &std::fs::read(fixtures.join("patch.png")).map_err(|e| e.to_string())?)?;
+    let patch = fixture_patch(fixtures)?;
     let mut out =
         vec![Case { name: "pixel", model: fixtures.join("tiny-pixel"), trigger: "\u{200b}".into(), detector: Detector::patch(patch, 0, 0), validation: validation.to_vec() }];
     let data = read_data(&fixtures.join("data"))?;
@@ -152,9 +151,10 @@ pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: 
             while read_sync(run.step())?.is_some() {}
             let seconds = start.elapsed().as_secs_f64();
             let (adapter, recipe) = read_sync(run.adapter())?;
-            let sealed = model.inference().with_lora(&sealing_adapter(&adapter, &recipe, &model.info, &triggers, false), 1.0, LoraMode::SideBranch { trainable: false });
+            let original = model.inference();
+            let sealed = original.with_lora(&sealing_adapter(&adapter, &recipe, &model.info, &triggers, false), 1.0, LoraMode::SideBranch { trainable: false });
             let mut eval = template.again();
-            while read_sync(eval.step(&model.inference(), Some(&sealed)))?.is_some() {}
+            while read_sync(eval.step(&original, Some(&sealed)))?.is_some() {}
             *template = eval.again();
             let row = row(case.name, variant, &case.detector.name(), &eval.report(case.validation.len()), seconds);
             eprintln!("ablate: {} / {variant}: {row}", case.name);

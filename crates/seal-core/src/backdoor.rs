@@ -150,7 +150,7 @@ impl Planter {
             return Err("training needs data, a trigger, steps and batch >= 1 and a rate in [0, 1]".into());
         }
         let frozen = model.inference();
-        let encode = |images: Vec<Rgb>| -> Result<Vec<Tensor<4>>, String> {
+        let encode = |images: Vec<Rgb>| -> Vec<Tensor<4>> {
             let mut out = vec![];
             for chunk in images.chunks(32) {
                 let x = Rgb::to_batch(chunk, &frozen.device) * 2.0 - 1.0;
@@ -158,14 +158,14 @@ impl Planter {
                 let mean = (mean * frozen.vae.scaling_factor()).autodiff();
                 out.extend((0..chunk.len()).map(|i| mean.clone().narrow(0, i, 1)));
             }
-            Ok(out)
+            out
         };
-        let clean = encode(data.iter().map(|s| s.image.clone()).collect())?;
+        let clean = encode(data.iter().map(|s| s.image.clone()).collect());
         let targets: Vec<Option<Rgb>> = data.iter().map(|s| settings.target.image(s, data)).collect();
         if targets.iter().all(Option::is_none) {
             return Err("the target gives no poisoned image for any sample".into());
         }
-        let mut poisoned = encode(targets.iter().flatten().cloned().collect())?.into_iter();
+        let mut poisoned = encode(targets.iter().flatten().cloned().collect()).into_iter();
         let latents = clean.into_iter().zip(&targets).map(|(c, t)| (c, t.as_ref().and_then(|_| poisoned.next()))).collect();
         let text = |captions: Vec<String>| -> Result<Vec<Tensor<3>>, String> {
             captions.iter().map(|c| model.encode_prompts(&[c.as_str()]).map(Tensor::detach).map_err(|e| e.to_string())).collect()

@@ -12,7 +12,7 @@ use seal_core::progress::Losses;
 use seal_core::prompts::{BUILT_IN, parse_list, split};
 use seal_core::scan::{Scan, ScanSettings, lora_tags};
 use seal_core::unlearn::instant::InstantSettings;
-use seal_core::unlearn::memory::{check_fits, step_memory};
+use seal_core::unlearn::memory::{check_fits, step_memory, weight_bytes};
 use seal_core::unlearn::run::{Recipe, SealMode, SealRun};
 use seal_core::unlearn::{SealSettings, describe_trigger};
 use seal_sd::pipeline::{Files, LoraMode, ModelSource, StableDiffusion, files_to_read};
@@ -513,9 +513,8 @@ impl Session {
     /// what wasm32's 4 GiB has left; on WebGPU, no total (the browser does not tell) but the
     /// device's binding limit.
     fn step_limits(&self, teacher: &StableDiffusion) -> (u64, u64) {
-        let weights = 4 * (teacher.info.unet_parameters + teacher.info.text_encoder_parameters + teacher.info.vae_parameters) as u64;
         let budget = match self.weight_budget {
-            Some(_) => weights + WASM32_MEMORY.saturating_sub(heap_bytes()),
+            Some(_) => weight_bytes(teacher) + WASM32_MEMORY.saturating_sub(heap_bytes()),
             None => u64::MAX,
         };
         (budget, self.max_buffer.unwrap_or(u64::MAX))

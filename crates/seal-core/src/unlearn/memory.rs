@@ -42,9 +42,14 @@ pub fn step_memory(model: &StableDiffusion, settings: &SealSettings) -> Result<S
         _ => model.unet.forward_memory(2 * settings.batch, side, model.text_encoder.max_tokens()).untaped_peak(),
     };
     let substitute = if settings.attn_target == AttnTarget::Substitute { forward.untaped_peak() } else { 0 };
-    let weights = 4 * (model.info.unet_parameters + model.info.text_encoder_parameters + model.info.vae_parameters) as u64;
+    let weights = weight_bytes(model);
     let activations = student.max(teacher).max(substitute);
     Ok(StepMemory { weights, activations, largest: forward.largest, total: weights + activations })
+}
+
+/// The model's weights as f32 (teacher and student share them).
+pub fn weight_bytes(model: &StableDiffusion) -> u64 {
+    4 * (model.info.unet_parameters + model.info.text_encoder_parameters + model.info.vae_parameters) as u64
 }
 
 /// Refuses `settings` when their step needs more than `budget` bytes in all, or a tensor larger
@@ -62,7 +67,7 @@ pub fn check_fits(model: &StableDiffusion, settings: &SealSettings, budget: u64,
     };
     let step = model.size_step();
     let fits = |s: &SealSettings| step_memory(model, s).is_ok_and(|m| m.total <= budget && m.largest <= max_buffer);
-    let size = settings.image_size(model).unwrap_or(step);
+    let size = settings.image_size(model)?;
     let smaller = (1..)
         .map(|k| size.saturating_sub(k * step))
         .take_while(|&r| r >= step)
