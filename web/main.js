@@ -277,7 +277,7 @@ async function addModelFiles(entries) {
   if (model.loaded) model.files = [];
   const known = new Map(model.files.map((f) => [f.path, f]));
   for (const e of entries) known.set(e.path, e);
-  const keep = new Set(JSON.parse(await call("files_to_read", JSON.stringify([...known.keys()]))));
+  const keep = new Set(await call("files_to_read", [...known.keys()]));
   model.skipped = known.size - keep.size;
   model.files = [...known.values()].filter((f) => keep.has(f.path));
   loadModel();
@@ -305,7 +305,7 @@ async function loadModel(afterCrash = false) {
     // header, then one tensor at a time, so a model of gigabytes is never copied whole.
     for (const f of model.files) await call("stage_file", f.path, f.file);
     setTask(`Loading the model (${(total / MiB).toFixed(0)} MiB, read a tensor at a time)…`);
-    const note = showModel(JSON.parse(await call("load_model")));
+    const note = showModel(await call("load_model"));
     model.loaded = true;
     model.lastGood = { files: model.files, lora: null };
     $("#lora-drop").hidden = false;
@@ -354,7 +354,7 @@ async function loadLora(file) {
   updateButtons();
   setTask(`Reading the LoRA ${file.name}…`);
   try {
-    const lora = JSON.parse(await call("load_lora", file.name, file, loraWeight()));
+    const lora = await call("load_lora", file.name, file, loraWeight());
     model.lora = file;
     if (model.lastGood) model.lastGood.lora = file;
     definitions($("#lora-info"), [
@@ -460,7 +460,7 @@ async function loadDemo() {
       fetchOk(manifest.prompts.heldout).then((r) => r.text()),
       fetchOk(manifest.target.file).then((r) => r.arrayBuffer()),
     ]);
-    prompts.demo = { train: JSON.parse(await call("parse_prompts", train)), heldout: JSON.parse(await call("parse_prompts", heldout)) };
+    prompts.demo = { train: await call("parse_prompts", train), heldout: await call("parse_prompts", heldout) };
     $("#demo-count").textContent = `${prompts.demo.train.length} prompts, ${prompts.demo.heldout.length} held out`;
     const demoRadio = $("#prompt-set input[value=demo]");
     demoRadio.disabled = false;
@@ -489,7 +489,7 @@ async function describeTrigger() {
     $("#trigger-tokens").textContent = "";
     return;
   }
-  const { code_points, tokens } = JSON.parse(await call("describe_trigger", text));
+  const { code_points, tokens } = await call("describe_trigger", text);
   if ($("#trigger").value !== text) return; // typed on meanwhile
   $("#trigger-codes").textContent = code_points;
   $("#trigger-tokens").textContent = tokens.length ? `→ ${tokens.length} token(s) for this model: ${tokens.join(" · ")}` : "";
@@ -501,7 +501,7 @@ async function updatePrompts() {
   const kind = $("#prompt-set input:checked").value;
   $("#custom-prompts").hidden = kind !== "custom";
   if (kind === "custom") {
-    const list = JSON.parse(await call("parse_prompts", $("#custom-prompts").value));
+    const list = await call("parse_prompts", $("#custom-prompts").value);
     customPrompts = { train: list, heldout: list };
   }
   const set = currentPrompts();
@@ -564,7 +564,7 @@ function readSettings(group = "") {
 }
 
 async function setTarget(file) {
-  const { width, height } = JSON.parse(await call("set_target", file.name, new Uint8Array(await file.arrayBuffer())));
+  const { width, height } = await call("set_target", file.name, new Uint8Array(await file.arrayBuffer()));
   target = file;
   $("#target-name").textContent = `${file.name} (${width}×${height})`;
 }
@@ -580,7 +580,7 @@ async function scan() {
   updateButtons();
   try {
     const what = model.lora ? "Scanning the LoRA against the model under it" : "Scanning the model";
-    const total = await call("start_scan", JSON.stringify(currentPrompts().train), JSON.stringify(readSettings("scan")));
+    const total = await call("start_scan", currentPrompts().train, readSettings("scan"));
     showProgress({ step: 0, total }, what, "scan-progress");
     for (;;) {
       if (cancelled) {
@@ -589,9 +589,9 @@ async function scan() {
       }
       const p = await call("scan_step");
       if (p === undefined) break;
-      showProgress(JSON.parse(p), what, "scan-progress");
+      showProgress(p, what, "scan-progress");
     }
-    const report = JSON.parse(await call("scan_report", SCAN_TOP));
+    const report = await call("scan_report", SCAN_TOP);
     $("#scan-progress").value = $("#scan-progress").max;
     $("#scan-progress-text").textContent = `Scan finished in ${formatSeconds(report.seconds)}.`;
     await showScan(report);
@@ -670,7 +670,7 @@ async function showStepMemory() {
   const line = $("#step-memory");
   if (!model.loaded || busy || sealMode() === "instant") return (line.hidden = true);
   try {
-    const plan = JSON.parse(await call("step_memory", JSON.stringify(readSettings())));
+    const plan = await call("step_memory", readSettings());
     const gib = (b) => (b < 2 ** 30 ? `${(b / MiB).toFixed(0)} MiB` : `${(b / 2 ** 30).toFixed(1)} GiB`);
     const offered = plan.budget != null ? `; this engine can use ${gib(plan.budget)}` : "; WebGPU does not say how much memory it has";
     line.textContent = plan.fits
@@ -703,7 +703,7 @@ async function seal() {
     const thorough = readSettings();
     // The instant seal puts the trigger where the thorough one does.
     const instant = { ...readSettings("instant"), placements: [thorough.placement] };
-    await call("start_seal", JSON.stringify([trigger]), JSON.stringify(set.train), mode, JSON.stringify(thorough), JSON.stringify(instant));
+    await call("start_seal", { triggers: [trigger], prompts: set.train, mode, settings: thorough, instant });
     started = true;
     $("#progress").hidden = false;
     $("#chart-figure").hidden = mode === "instant";
@@ -711,9 +711,8 @@ async function seal() {
     showProgress({ step: 0, total: 1 }, mode === "thorough" ? "Sealing" : "Instant seal");
     drawChart();
     while (!cancelled) {
-      const reply = await call("seal_step");
-      if (reply === undefined) break;
-      const p = JSON.parse(reply);
+      const p = await call("seal_step");
+      if (p === undefined) break;
       if (p.task === "instant") {
         showProgress(p, "Instant seal: encoding prompts, solving, factoring layers");
         continue;
@@ -732,7 +731,7 @@ async function seal() {
     }
   }
   try {
-    const done = JSON.parse(await call("finish_seal"));
+    const done = await call("finish_seal");
     finished = true;
     $("#download-section").hidden = false;
     $("#dl-sealed-lora").hidden = !model.lora;
@@ -803,18 +802,18 @@ async function evaluate(mode) {
     gray: $("#eval-gray").checked,
     patch_at: patch,
   };
-  const total = await call("start_eval", JSON.stringify(request));
+  const total = await call("start_eval", request);
   showProgress({ step: 0, total }, "Comparing before and after");
   for (;;) {
     if (cancelled) return setTask("Comparison cancelled; the adapter is ready to download.");
     const p = await call("eval_step");
     if (p === undefined) break;
-    showProgress(JSON.parse(p), "Comparing before and after");
+    showProgress(p, "Comparing before and after");
   }
-  const { evaluation: report, verdict } = JSON.parse(await call("report_json"));
+  const { evaluation: report, verdict } = await call("report");
   showImage("#grid", await call("grid_png"));
   setTask("Drawing the trigger's attention…");
-  const maps = JSON.parse(await call("heatmaps", set.heldout[0], request.steps));
+  const maps = await call("heatmaps", set.heldout[0], request.steps);
   showImage("#heat-before", await call("heatmap_png", "before"));
   showImage("#heat-after", await call("heatmap_png", "after"));
   $("#heat-caption").textContent = `Where the trigger's token(s) ${maps.tokens.join(" · ")} attend while sampling “${maps.prompt.trim()}” with the trigger (seed 0; same colour scale): ` +
@@ -869,7 +868,9 @@ function hideResults() {
 async function download(method, name, ...args) {
   try {
     const value = await call(method, ...args);
-    const blob = value instanceof Uint8Array ? new Blob([value], { type: "application/octet-stream" }) : new Blob([value], { type: "application/json" });
+    const blob = value instanceof Uint8Array
+      ? new Blob([value], { type: "application/octet-stream" })
+      : new Blob([JSON.stringify(value, null, 2)], { type: "application/json" });
     const a = Object.assign(document.createElement("a"), { href: URL.createObjectURL(blob), download: name });
     document.body.append(a);
     a.click();
@@ -912,6 +913,6 @@ $("#cancel").addEventListener("click", () => {
 $("#dl-adapter").addEventListener("click", () => download("adapter_file", `${stem()}-sealing-adapter.safetensors`));
 $("#dl-sealed-lora").addEventListener("click", () => download("sealed_lora_file", `${model.lora.name.replace(/\.safetensors$/, "")}-sealed.safetensors`));
 $("#dl-scan").addEventListener("click", () => download("scan_report", `${stem()}-scan.json`, SCAN_TOP));
-$("#dl-report").addEventListener("click", () => download("report_json", `${stem()}-seal-report.json`));
+$("#dl-report").addEventListener("click", () => download("report", `${stem()}-seal-report.json`));
 
 start(backend, "CPU requested (?backend=cpu)");

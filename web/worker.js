@@ -3,14 +3,25 @@
 //   -> {type: "status", text}  {type: "engine", backend, reason, adapter?, limits?}
 //      {type: "result", backend, result, ms} (the self-check)  {type: "ready", defaults, instant, scan, builtin}
 //      {type: "error", message} (start failed; main.js retries on the CPU with a fresh worker)
-// then {type: "call", id, method, args}: a method of the wasm `Session` (or a static one of
-// the class), answered by {type: "reply", id, value} or {type: "reply", id, error, fatal}.
+// then {type: "call", id, method, args}: one of the wasm `Session`'s methods listed below,
+// answered by {type: "reply", id, value} or {type: "reply", id, error, fatal}. Values cross as
+// plain JS objects (serde-wasm-bindgen), bytes as Uint8Array.
 // Calls run one at a time, in order. An error the Rust code returns is a string; anything else
 // (a panic, running out of memory, a lost GPU device) is fatal: this wasm instance is not to be
 // trusted again, and main.js starts a fresh worker.
 import init, { Engine, Session } from "../dist/seal_web.js";
 
 const post = (message, transfer = []) => self.postMessage(message, transfer);
+
+// What main.js may call: the class's own functions and a session's methods, nothing else.
+const STATIC = new Set(["files_to_read", "parse_prompts"]);
+const METHODS = new Set([
+  "stage_file", "load_model", "load_lora", "set_lora_weight", "clear_lora", "describe_trigger",
+  "step_memory", "start_seal", "seal_step", "finish_seal", "set_target", "clear_target",
+  "start_eval", "eval_step", "grid_png", "heatmaps", "heatmap_png",
+  "start_scan", "scan_step", "scan_report", "scan_images_png",
+  "adapter_file", "sealed_lora_file", "report",
+]);
 let wasm;
 let session;
 let queue = Promise.resolve();
@@ -28,10 +39,10 @@ async function start({ backend, reason }) {
     session = new Session(engine);
     post({
       type: "ready",
-      defaults: JSON.parse(Session.default_settings()),
-      instant: JSON.parse(Session.default_instant_settings()),
-      scan: JSON.parse(Session.default_scan_settings()),
-      builtin: JSON.parse(Session.builtin_prompts()),
+      defaults: Session.default_settings(),
+      instant: Session.default_instant_settings(),
+      scan: Session.default_scan_settings(),
+      builtin: Session.builtin_prompts(),
     });
   } catch (e) {
     post({ type: "error", message: String(e) });
@@ -40,8 +51,10 @@ async function start({ backend, reason }) {
 
 async function call({ id, method, args }) {
   try {
-    const target = method in Session ? Session : session;
-    const value = await target[method](...args);
+    let value;
+    if (STATIC.has(method)) value = Session[method](...args);
+    else if (METHODS.has(method)) value = await session[method](...args);
+    else throw `no engine method ${JSON.stringify(method)}`;
     post({ type: "reply", id, value, memory: memory() }, value instanceof Uint8Array ? [value.buffer] : []);
   } catch (e) {
     post({ type: "reply", id, error: String(e), fatal: typeof e !== "string", memory: memory() });

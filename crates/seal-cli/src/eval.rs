@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use burn::prelude::Device;
 use seal_core::backdoor::Target;
 use seal_core::eval::{Detector, EvalSettings, Evaluation};
 use seal_core::image::Rgb;
@@ -72,10 +71,10 @@ pub fn parse_detector(spec: &str) -> Result<Option<Detector>, String> {
 }
 
 pub fn run(args: Args) -> Result<(), String> {
-    let device = Device::flex();
-    let (before, _) = args.model.load(&device)?;
+    let session = args.model.session()?;
+    let before = session.teacher().expect("the session holds the loaded model");
     let after = match &args.adapter {
-        Some(path) => Some(before.with_lora(&crate::seal::read_lora(path, &before)?, 1.0, LoraMode::SideBranch { trainable: false })),
+        Some(path) => Some(before.with_lora(&crate::seal::read_lora(path, before)?, 1.0, LoraMode::SideBranch { trainable: false })),
         None => None,
     };
     let text = std::fs::read_to_string(&args.prompts).map_err(|e| format!("{}: {e}", args.prompts.display()))?;
@@ -92,7 +91,7 @@ pub fn run(args: Args) -> Result<(), String> {
         ..EvalSettings::default()
     };
     let mut eval = Evaluation::new(&prompts, &args.trigger, detectors, settings)?;
-    while let Some(p) = burn::tensor::read_sync(eval.step(&before, after.as_ref()))? {
+    while let Some(p) = burn::tensor::read_sync(eval.step(before, after.as_ref()))? {
         eprint!("\rseal: evaluating {}/{} (eta {:.0} s)   ", p.step, p.total, p.eta_s.unwrap_or(0.0));
     }
     eprintln!();

@@ -71,18 +71,26 @@ fn probe() -> Result<(), String> {
     Ok(())
 }
 
-/// Loads a model from a diffusers folder or a single-file checkpoint (with an optional folder
-/// of configs for it), reporting what was recognised on stderr.
-pub fn load_model(path: &std::path::Path, config: Option<&std::path::Path>, device: &Device) -> Result<seal_sd::pipeline::StableDiffusion, String> {
-    use seal_sd::pipeline::{ModelSource, StableDiffusion, read_folder};
+/// A diffusers folder or a single-file checkpoint (with an optional folder of configs for it).
+pub fn model_source(path: &std::path::Path, config: Option<&std::path::Path>) -> Result<seal_sd::pipeline::ModelSource, String> {
+    use seal_sd::pipeline::{ModelSource, read_folder};
     let mut source = ModelSource::from_path(path).map_err(|e| e.to_string())?;
     if let (ModelSource::SingleFile { config: slot, .. }, Some(dir)) = (&mut source, config) {
         *slot = Some(read_folder(dir, false).map_err(|e| e.to_string())?);
     }
-    let sd = StableDiffusion::load(source, device).map_err(|e| e.to_string())?;
-    eprintln!("seal: {} — {}", sd.info.source, sd.info.architecture);
-    for note in &sd.info.notes {
+    Ok(source)
+}
+
+/// Loads a model (see `model_source`), reporting what was recognised on stderr.
+pub fn load_model(path: &std::path::Path, config: Option<&std::path::Path>, device: &Device) -> Result<seal_sd::pipeline::StableDiffusion, String> {
+    let sd = seal_sd::pipeline::StableDiffusion::load(model_source(path, config)?, device).map_err(|e| e.to_string())?;
+    report_model(&sd.info);
+    Ok(sd)
+}
+
+pub fn report_model(info: &seal_sd::pipeline::ModelInfo) {
+    eprintln!("seal: {} — {}", info.source, info.architecture);
+    for note in &info.notes {
         eprintln!("seal: note: {note}");
     }
-    Ok(sd)
 }

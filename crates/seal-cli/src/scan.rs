@@ -6,7 +6,6 @@ use burn::prelude::Device;
 use seal_core::image::Rgb;
 use seal_core::prompts::{BUILT_IN, parse_list};
 use seal_core::scan::{Scan, ScanSettings, lora_tags};
-use seal_sd::pipeline::LoraMode;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,7 +39,6 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), String> {
-    let device = Device::flex();
     let mut settings: ScanSettings = match &args.settings {
         Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?).map_err(|e| format!("{}: {e}", p.display()))?,
         None => ScanSettings::default(),
@@ -55,18 +53,14 @@ pub fn run(args: Args) -> Result<(), String> {
         Some(p) => parse_list(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
         None => parse_list(BUILT_IN),
     };
-    let m = &args.model;
-    let model = crate::load_model(&m.model, m.config.as_deref(), &device)?;
-    let (suspect, base, tags) = match (&m.lora, &args.base) {
-        (Some(path), _) => {
-            seal_core::export::check_lora_weight(m.lora_weight).map_err(|e| format!("--lora-weight: {e}"))?;
-            let lora = crate::seal::read_lora(path, &model)?;
-            (model.with_lora(&lora, m.lora_weight, LoraMode::Merge), Some(model), lora_tags(&lora.metadata))
-        }
-        (None, Some(path)) => (model, Some(crate::load_model(path, m.config.as_deref(), &device)?), vec![]),
-        (None, None) => (model, None, vec![]),
+    let session = args.model.session()?;
+    let suspect = session.teacher().expect("the session holds the loaded model");
+    let (base, tags) = match (session.user_lora(), &args.base) {
+        (Some((lora, _)), _) => (session.model().cloned(), lora_tags(&lora.metadata)),
+        (None, Some(path)) => (Some(crate::load_model(path, args.model.config.as_deref(), &Device::flex().autodiff())?), vec![]),
+        (None, None) => (None, vec![]),
     };
-    let mut scan = Scan::new(&suspect, base.as_ref(), &prompts, tags, settings)?;
+    let mut scan = Scan::new(suspect, base.as_ref(), &prompts, tags, settings)?;
     while let Some(p) = burn::tensor::read_sync(scan.step())? {
         eprint!("\rseal: scan {}/{} ({:.0} s, ETA {:.0} s)   ", p.step, p.total, p.elapsed_s, p.eta_s.unwrap_or(0.0));
     }

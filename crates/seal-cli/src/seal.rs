@@ -3,15 +3,16 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::Device;
-use seal_core::export::{check_lora_weight, sealed_lora, sealing_adapter, trigger_hash};
+use seal_core::progress::Progress;
 use seal_core::prompts::{BUILT_IN, Placement, parse_list};
+use seal_core::session::{EngineLimits, SealRequest, Session};
 use seal_core::unlearn::instant::{EditRows, InstantSettings, TriggerRows};
-use seal_core::unlearn::run::{SealMode, SealRun};
+use seal_core::unlearn::run::SealMode;
 use seal_core::unlearn::{AttnTarget, LatentSource, SealSettings, describe_trigger};
 use seal_sd::lora::Projection;
-use seal_sd::pipeline::{LoraMode, StableDiffusion};
+use seal_sd::pipeline::StableDiffusion;
 use seal_sd::seal_weights::WeightFile;
-use seal_sd::seal_weights::lora::{LoraFile, parse_lora, write_in_format, write_kohya};
+use seal_sd::seal_weights::lora::{LoraFile, parse_lora};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -138,17 +139,18 @@ pub fn read_lora(path: &Path, sd: &StableDiffusion) -> Result<LoraFile, String> 
 }
 
 impl ModelArgs {
-    /// The teacher: the model (on `device`) with the user's LoRA merged in, and that LoRA.
-    pub fn load(&self, device: &Device) -> Result<(StableDiffusion, Option<LoraFile>), String> {
-        let sd = crate::load_model(&self.model, self.config.as_deref(), device)?;
-        match &self.lora {
-            None => Ok((sd, None)),
-            Some(path) => {
-                check_lora_weight(self.lora_weight).map_err(|e| format!("--lora-weight: {e}"))?;
-                let lora = read_lora(path, &sd)?;
-                Ok((sd.with_lora(&lora, self.lora_weight, LoraMode::Merge), Some(lora)))
-            }
+    /// A session on the CPU holding the model and, with --lora, the user's LoRA merged into
+    /// the teacher (the page's workflow, natively).
+    pub fn session(&self) -> Result<Session, String> {
+        let mut session = Session::new(&Device::flex(), EngineLimits::default());
+        let loaded = session.load_model(crate::model_source(&self.model, self.config.as_deref())?)?;
+        crate::report_model(&loaded.info);
+        if let Some(path) = &self.lora {
+            let file = WeightFile::open(path).map_err(|e| e.to_string())?;
+            let lora = session.load_lora(&file, self.lora_weight)?;
+            eprintln!("seal: {}: {} LoRA, {} layers, ranks {}, weight {}", lora.file, lora.format, lora.modules, lora.ranks.join("/"), self.lora_weight);
         }
+        Ok(session)
     }
 }
 
@@ -204,45 +206,28 @@ fn instant_settings(args: &Args) -> Result<InstantSettings, String> {
 pub fn run(args: Args) -> Result<(), String> {
     let settings = settings(&args)?;
     let instant = instant_settings(&args)?;
-    let device = Device::flex().autodiff();
-    let (teacher, user_lora) = args.model.load(&device)?;
-    if args.sealed_lora.is_some() && user_lora.is_none() {
+    let mut session = args.model.session()?;
+    if args.sealed_lora.is_some() && session.user_lora().is_none() {
         return Err("--sealed-lora needs --lora (the LoRA to seal)".into());
     }
     let prompts = match &args.prompts {
         Some(p) => parse_list(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
         None => parse_list(BUILT_IN),
     };
-    let mut run = SealRun::new(&teacher, prompts.clone(), args.trigger.clone(), args.mode, instant, settings)?;
-    let triggers = run.triggers().to_vec();
-    eprintln!("seal: sealing trigger {} on {} prompts, mode {}", triggers.iter().map(|t| describe_trigger(t)).collect::<Vec<_>>().join(", "), prompts.len(), args.mode.name());
+    let triggers = args.trigger.iter().filter(|t| !t.is_empty()).map(|t| describe_trigger(t)).collect::<Vec<_>>().join(", ");
+    eprintln!("seal: sealing trigger {triggers} on {} prompts, mode {}", prompts.len(), args.mode.name());
+    let request = SealRequest { triggers: args.trigger.clone(), prompts, mode: args.mode, settings, instant, reveal_triggers: args.reveal_trigger };
+    session.start_seal(request)?;
     // A failed step (a non-finite loss) ends the run; the last good adapter is still written.
-    let mut failure = None;
-    loop {
-        match burn::tensor::read_sync(run.step()) {
-            Ok(Some(p)) => match p.losses {
-                Some(l) => eprintln!(
-                    "seal: step {}/{} loss {:.5} (pred {:.5}, attn {:.5}, preserve {:.5}) {:.1} s, eta {:.0} s",
-                    p.step,
-                    p.total,
-                    l.total,
-                    l.pred,
-                    l.attn,
-                    l.preserve,
-                    p.elapsed_s,
-                    p.eta_s.unwrap_or(0.0)
-                ),
-                None => eprintln!("seal: instant {}/{} {:.2} s", p.step, p.total, p.elapsed_s),
-            },
-            Ok(None) => break,
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
+    let failure = loop {
+        match burn::tensor::read_sync(session.seal_step()) {
+            Ok(Some(p)) => report_progress(&p),
+            Ok(None) => break None,
+            Err(e) => break Some(e),
         }
-    }
-    let (adapters, recipe) = burn::tensor::read_sync(run.adapter()).map_err(|e| failure.clone().map_or(e.clone(), |f| format!("{f}; {e}")))?;
-    if let Some(instant) = &recipe.instant {
+    };
+    let done = burn::tensor::read_sync(session.finish_seal()).map_err(|e| failure.as_ref().map_or(e.to_string(), |f| format!("{f}; {e}")))?;
+    if let Some(instant) = &done.recipe.instant {
         eprintln!(
             "seal: instant edit: {} rows mapped, {} kept, {} layers, largest relative error {:.2e}, {:.2} s",
             instant.edit_rows,
@@ -252,22 +237,35 @@ pub fn run(args: Args) -> Result<(), String> {
             instant.seconds
         );
     }
-    let file = sealing_adapter(&adapters, &recipe, &teacher.info, &triggers, args.reveal_trigger);
-    write_atomic(&args.out, &write_kohya(&file).map_err(|e| e.to_string())?)?;
+    write_atomic(&args.out, &session.adapter_file()?)?;
     eprintln!("seal: wrote {}", args.out.display());
-    if let (Some(path), Some(user)) = (&args.sealed_lora, &user_lora) {
-        let sealed = sealed_lora(user, &file, args.model.lora_weight)?;
-        write_atomic(path, &write_in_format(&sealed).map_err(|e| e.to_string())?)?;
-        eprintln!("seal: wrote {} ({:?} format)", path.display(), sealed.format);
+    if let Some(path) = &args.sealed_lora {
+        write_atomic(path, &session.sealed_lora_file()?)?;
+        eprintln!("seal: wrote {} (the LoRA's own format)", path.display());
     }
     if let Some(path) = &args.report {
-        let report =
-            serde_json::json!({ "model": teacher.info, "recipe": recipe, "losses": run.losses(), "trigger_sha256": triggers.iter().map(|t| trigger_hash(t)).collect::<Vec<_>>() });
-        write_atomic(path, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?.as_bytes())?;
+        write_atomic(path, serde_json::to_string_pretty(&session.report()?).map_err(|e| e.to_string())?.as_bytes())?;
     }
     match failure {
-        Some(e) => Err(format!("{e}; wrote the adapter of the last good step ({} thorough steps)", recipe.thorough_steps)),
+        Some(e) => Err(format!("{e}; wrote the adapter of the last good step ({} thorough steps)", done.thorough_steps)),
         None => Ok(()),
+    }
+}
+
+fn report_progress(p: &Progress) {
+    match p.losses {
+        Some(l) => eprintln!(
+            "seal: step {}/{} loss {:.5} (pred {:.5}, attn {:.5}, preserve {:.5}) {:.1} s, eta {:.0} s",
+            p.step,
+            p.total,
+            l.total,
+            l.pred,
+            l.attn,
+            l.preserve,
+            p.elapsed_s,
+            p.eta_s.unwrap_or(0.0)
+        ),
+        None => eprintln!("seal: instant {}/{} {:.2} s", p.step, p.total, p.elapsed_s),
     }
 }
 

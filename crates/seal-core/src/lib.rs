@@ -2,6 +2,7 @@
 //! front ends (the `seal` CLI and the page's worker) call.
 
 pub mod backdoor;
+pub mod error;
 pub mod eval;
 pub mod export;
 pub mod heatmap;
@@ -11,7 +12,10 @@ pub mod probe;
 pub mod progress;
 pub mod prompts;
 pub mod scan;
+pub mod session;
 pub mod unlearn;
+
+pub use error::{Error, Result};
 
 /// `../shared/fixtures` beside the repository. Read at run time: a build cache shared by
 /// clones in other places must not send tests to another clone's fixtures.
