@@ -1,14 +1,17 @@
 //! A whole text-to-image model: loading from a diffusers folder or a single original-layout
-//! file (as bytes or paths), prompt encoding, sampling with classifier-free guidance, decoding.
+//! file (as bytes or paths), prompt encoding, sampling with classifier-free guidance, decoding,
+//! and LoRA application. Where the files come from is `source`; the configs, `configs`.
+
+mod configs;
+mod source;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::rc::Rc;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use seal_weights::lora::{LoraComponent, LoraFile, LoraModule, ModelPaths};
-use seal_weights::{ByteSource, Component, DType, DiskFile, WeightFile};
+use seal_weights::{DType, WeightFile};
 use serde::Serialize;
 
 use crate::ModelError;
@@ -17,125 +20,12 @@ use crate::load::{load_module, parameter_count};
 use crate::lora;
 use crate::rng::SeededRng;
 use crate::scheduler::{NoiseSchedule, Sampler, SamplerKind, SchedulerConfig};
-use crate::tokenizer::{ClipTokenizer, TokenizerFiles};
+use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
 
-/// A model's files by path relative to the model's root (`unet/config.json`, ...), each read
-/// only where it is needed (a weights file one tensor at a time).
-pub type Files = BTreeMap<String, Box<dyn ByteSource>>;
-
-/// What the user gave us.
-pub enum ModelSource {
-    /// A diffusers folder.
-    Folder(Files),
-    /// An original-layout checkpoint, optionally with a diffusers folder whose configs and
-    /// tokenizer describe it (as diffusers' `from_single_file(config=...)`); without one, the
-    /// SD 1.x configs are inferred from the tensor shapes.
-    SingleFile { name: String, bytes: Box<dyn ByteSource>, config: Option<Files> },
-}
-
-impl ModelSource {
-    /// A diffusers folder or a `.safetensors` file on disk.
-    pub fn from_path(path: &Path) -> Result<Self, ModelError> {
-        if path.is_dir() {
-            Ok(Self::Folder(read_folder(path, true)?))
-        } else {
-            Ok(Self::SingleFile { name: file_name(path), bytes: Box::new(DiskFile::open(path)?), config: None })
-        }
-    }
-
-    /// What the files a user gave are (relative paths, as `files_to_read` kept them): a
-    /// diffusers folder, or one `.safetensors` checkpoint outside any component folder, with a
-    /// diffusers folder beside it for configs and tokenizer.
-    pub fn from_files(mut files: Files) -> Result<Self, ModelError> {
-        let in_component = |p: &str| p.split('/').rev().nth(1).is_some_and(|dir| COMPONENT_DIRS.contains(&dir));
-        let singles: Vec<String> = files.keys().filter(|p| p.ends_with(".safetensors") && !in_component(p)).cloned().collect();
-        match singles.as_slice() {
-            [] if files.is_empty() => Err(ModelError::Missing("no model files were given".into())),
-            [] => Ok(Self::Folder(files)),
-            [name] => {
-                let bytes = files.remove(name).expect("listed");
-                // The folder's own weights are not needed for its configs.
-                files.retain(|p, _| !p.ends_with(".safetensors"));
-                let config = (!files.is_empty()).then_some(files);
-                Ok(Self::SingleFile { name: name.rsplit('/').next().unwrap_or(name).to_string(), bytes, config })
-            }
-            many => Err(ModelError::Missing(format!("{} checkpoints were given ({}); give one, or a diffusers folder", many.len(), many.join(", ")))),
-        }
-    }
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
-}
-
-/// A diffusers folder's subfolders that a Stable Diffusion 1.x model is built from.
-const COMPONENT_DIRS: [&str; 5] = ["unet", "text_encoder", "vae", "tokenizer", "scheduler"];
-
-/// Which of the files a user gave (relative paths) loading needs, so nothing else is read:
-/// configs, tokenizer files and `.safetensors` weights; inside a diffusers folder only its
-/// components (no `safety_checker/`, `feature_extractor/`...), the full-precision weights
-/// where an `.fp16` variant sits beside them, and no weights at all when a single-file
-/// checkpoint came with the folder (the folder then only describes it).
-pub fn files_to_read(paths: &[String]) -> Vec<String> {
-    let is_weights = |p: &str| p.ends_with(".safetensors");
-    let given: std::collections::BTreeSet<&str> = paths.iter().map(String::as_str).filter(|p| p.ends_with(".json") || p.ends_with(".txt") || is_weights(p)).collect();
-    let roots: Vec<&str> = given.iter().filter_map(|p| p.strip_suffix("model_index.json").or_else(|| p.strip_suffix("unet/config.json"))).collect();
-    fn in_folder<'a>(roots: &[&str], p: &'a str) -> Option<&'a str> {
-        roots.iter().find_map(|r| p.strip_prefix(r))
-    }
-    let checkpoint_given = given.iter().any(|p| is_weights(p) && in_folder(&roots, p).is_none());
-    given
-        .iter()
-        .filter(|&&p| match in_folder(&roots, p) {
-            None => true,
-            Some(rel) => {
-                let component = rel == "model_index.json" || rel.split_once('/').is_some_and(|(dir, _)| COMPONENT_DIRS.contains(&dir));
-                let full_precision_beside = p.strip_suffix(".fp16.safetensors").is_some_and(|stem| given.contains(format!("{stem}.safetensors").as_str()));
-                component && !(is_weights(p) && (checkpoint_given || full_precision_beside))
-            }
-        })
-        .map(|p| p.to_string())
-        .collect()
-}
-
-/// Reads what `files_to_read` keeps of a folder on disk; without `weights`, only its configs
-/// and tokenizer (a folder that describes a single-file checkpoint).
-pub fn read_folder(root: &Path, weights: bool) -> Result<Files, ModelError> {
-    let io = |p: &Path, e: std::io::Error| ModelError::Io { file: p.display().to_string(), message: e.to_string() };
-    let mut paths = vec![];
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| io(&dir, e))? {
-            let path = entry.map_err(|e| io(&dir, e))?.path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else {
-                paths.push(path.strip_prefix(root).expect("inside root").to_string_lossy().replace('\\', "/"));
-            }
-        }
-    }
-    let mut files = Files::new();
-    for rel in files_to_read(&paths).into_iter().filter(|p| weights || !p.ends_with(".safetensors")) {
-        let path = root.join(&rel);
-        let source: Box<dyn ByteSource> = match rel.ends_with(".safetensors") {
-            true => Box::new(DiskFile::open(&path)?),
-            false => Box::new(std::fs::read(&path).map_err(|e| io(&path, e))?),
-        };
-        files.insert(rel, source);
-    }
-    Ok(files)
-}
-
-/// Strips a common leading folder (a dropped folder's own name) so paths start at the model root.
-pub fn normalize_folder(files: Files) -> Files {
-    let root = files.keys().find_map(|k| k.strip_suffix("model_index.json").or_else(|| k.strip_suffix("unet/config.json"))).map(str::to_string);
-    match root {
-        Some(prefix) if !prefix.is_empty() => files.into_iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|s| (s.to_string(), v))).collect(),
-        _ => files,
-    }
-}
+use configs::{Configs, describe, folder_component, folder_configs, infer_configs};
+pub use source::{Files, ModelSource, files_to_read, normalize_folder, read_folder};
 
 /// What was recognised, for the user to see before any heavy work.
 #[derive(Clone, Debug, Serialize)]
@@ -174,120 +64,6 @@ pub struct StableDiffusion {
     pub schedule: NoiseSchedule,
     pub info: ModelInfo,
     pub device: Device,
-}
-
-struct Configs {
-    unet: UNetConfig,
-    text: ClipTextConfig,
-    vae: VaeConfig,
-    scheduler: SchedulerConfig,
-    tokenizer: ClipTokenizer,
-}
-
-fn text(files: &Files, path: &str) -> Result<String, ModelError> {
-    let bytes = read_all(files, path)?.ok_or_else(|| ModelError::Missing(format!("the model folder has no {path}")))?;
-    String::from_utf8(bytes).map_err(|_| ModelError::config(path, "not UTF-8 text"))
-}
-
-/// A small file's bytes, if it was given.
-fn read_all(files: &Files, path: &str) -> Result<Option<Vec<u8>>, ModelError> {
-    files.get(path).map(|f| f.read_all().map_err(|e| ModelError::Io { file: path.to_string(), message: e })).transpose()
-}
-
-fn folder_configs(files: &Files) -> Result<Configs, ModelError> {
-    let tok = |name: &str| read_all(files, &format!("tokenizer/{name}"));
-    let tokenizer_files = TokenizerFiles {
-        tokenizer_json: tok("tokenizer.json")?,
-        vocab_json: tok("vocab.json")?,
-        merges_txt: tok("merges.txt")?,
-        tokenizer_config_json: tok("tokenizer_config.json")?,
-        special_tokens_map_json: tok("special_tokens_map.json")?,
-    };
-    let scheduler = match files.get("scheduler/scheduler_config.json") {
-        Some(_) => SchedulerConfig::from_json(&text(files, "scheduler/scheduler_config.json")?)?,
-        None => SchedulerConfig::sd(),
-    };
-    Ok(Configs {
-        unet: UNetConfig::from_json(&text(files, "unet/config.json")?)?,
-        text: ClipTextConfig::from_json(&text(files, "text_encoder/config.json")?)?,
-        vae: VaeConfig::from_json(&text(files, "vae/config.json")?)?,
-        scheduler,
-        tokenizer: ClipTokenizer::from_folder_files(&tokenizer_files).map_err(|e| ModelError::config("tokenizer/", e))?,
-    })
-}
-
-/// A component's weights file in a folder: the full-precision file, else the `.fp16` variant.
-fn folder_component(files: &mut Files, dir: &str, stem: &str) -> Result<Component, ModelError> {
-    for name in [format!("{dir}/{stem}.safetensors"), format!("{dir}/{stem}.fp16.safetensors")] {
-        if let Some(bytes) = files.remove(&name) {
-            return Ok(Component::from_file(Rc::new(WeightFile::from_source(name, bytes)?)));
-        }
-    }
-    Err(ModelError::Missing(format!("the model folder has no {dir}/{stem}.safetensors (only .safetensors weights are read)")))
-}
-
-/// SD 1.x configs from a single file's tensor shapes. Head counts are not visible in shapes:
-/// SD 1.x and its distillations use 8 UNet heads and 64-wide CLIP heads.
-fn infer_configs(unet: &Component, text: &Component, vae: &Component, layers_per_block: usize) -> Result<Configs, ModelError> {
-    let shape = |c: &Component, k: &str| c.shape(k).ok_or_else(|| ModelError::Unsupported(format!("{}: no tensor {k}; not an SD 1.x checkpoint", c.file_name())));
-    let mut channels = vec![];
-    while let Some(s) = unet.shape(&format!("down_blocks.{}.resnets.0.conv1.weight", channels.len())) {
-        channels.push(s[0]);
-    }
-    if channels.is_empty() {
-        return Err(ModelError::Unsupported(format!("{}: no UNet down blocks found", unet.file_name())));
-    }
-    let cross = |kind: &str, i: usize| unet.keys().any(|k| k.starts_with(&format!("{kind}.{i}.attentions.")));
-    let n = channels.len();
-    let context = shape(unet, &format!("down_blocks.{}.attentions.0.transformer_blocks.0.attn2.to_k.weight", (0..n).find(|&i| cross("down_blocks", i)).unwrap_or(0)))?[1];
-    let unet_config = serde_json::json!({
-        "block_out_channels": channels,
-        "down_block_types": (0..n).map(|i| if cross("down_blocks", i) { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect::<Vec<_>>(),
-        "up_block_types": (0..n).map(|i| if cross("up_blocks", i) { "CrossAttnUpBlock2D" } else { "UpBlock2D" }).collect::<Vec<_>>(),
-        "mid_block_type": unet.shape("mid_block.resnets.0.conv1.weight").map(|_| "UNetMidBlock2DCrossAttn"),
-        "layers_per_block": layers_per_block,
-        "cross_attention_dim": context,
-        "attention_head_dim": 8,
-        "use_linear_projection": unet.shape("down_blocks.0.attentions.0.proj_in.weight").or_else(|| unet.shape("down_blocks.1.attentions.0.proj_in.weight")).is_some_and(|s| s.len() == 2),
-        "in_channels": shape(unet, "conv_in.weight")?[1],
-        "out_channels": shape(unet, "conv_out.weight")?[0],
-        "sample_size": 64,
-    });
-    let unet_config: UNetConfig = serde_json::from_value(unet_config).map_err(|e| ModelError::config(unet.file_name(), e))?;
-    unet_config.validate()?;
-
-    let [vocab, hidden] = shape(text, "text_model.embeddings.token_embedding.weight")?[..] else { unreachable!("2-D embedding") };
-    let layers = (0..).take_while(|i| text.shape(&format!("text_model.encoder.layers.{i}.mlp.fc1.weight")).is_some()).count();
-    let text_config = ClipTextConfig {
-        vocab_size: vocab,
-        hidden_size: hidden,
-        intermediate_size: shape(text, "text_model.encoder.layers.0.mlp.fc1.weight")?[0],
-        num_hidden_layers: layers,
-        num_attention_heads: (hidden / 64).max(1),
-        max_position_embeddings: shape(text, "text_model.embeddings.position_embedding.weight")?[0],
-        hidden_act: "quick_gelu".into(),
-        layer_norm_eps: 1e-5,
-    };
-    let mut vae_channels = vec![];
-    while let Some(s) = vae.shape(&format!("encoder.down_blocks.{}.resnets.0.conv1.weight", vae_channels.len())) {
-        vae_channels.push(s[0]);
-    }
-    let vae_layers = (0..).take_while(|i| vae.shape(&format!("encoder.down_blocks.0.resnets.{i}.conv1.weight")).is_some()).count();
-    let vae_config: VaeConfig = serde_json::from_value(serde_json::json!({
-        "block_out_channels": vae_channels,
-        "layers_per_block": vae_layers,
-        "latent_channels": shape(vae, "decoder.conv_in.weight")?[1],
-    }))
-    .map_err(|e| ModelError::config(vae.file_name(), e))?;
-    let tokenizer = ClipTokenizer::openai_clip().map_err(|e| ModelError::config("built-in CLIP tokenizer", e))?;
-    if tokenizer.vocab_size() != vocab {
-        return Err(ModelError::Unsupported(format!(
-            "{}: the text encoder has a {vocab}-token vocabulary, not CLIP's {}; give the model's diffusers folder as its config (for its tokenizer)",
-            text.file_name(),
-            tokenizer.vocab_size()
-        )));
-    }
-    Ok(Configs { unet: unet_config, text: text_config, vae: vae_config, scheduler: SchedulerConfig::sd(), tokenizer })
 }
 
 impl StableDiffusion {
@@ -537,24 +313,6 @@ pub struct GenerateRequest {
     pub size: Option<usize>,
 }
 
-fn describe(c: &UNetConfig) -> String {
-    let family = match (c.block_out_channels.as_slice(), c.cross_attention_dim, c.mid_block_type.is_some(), c.layers_per_block.get(0)) {
-        ([320, 640, 1280, 1280], 768, true, 2) => "SD 1.x",
-        ([320, 640, 1280], 768, false, 1) => "BK-SDM tiny / segmind tiny-sd",
-        ([320, 640, 1280, 1280], 768, false, 1) => "BK-SDM small / segmind small-sd",
-        (_, 768, _, _) => "SD 1.x-family",
-        _ => "SD 1.x-layout (custom size)",
-    };
-    format!(
-        "{family} UNet: channels {:?}, {} layers/block, {}, {} heads, context {}",
-        c.block_out_channels,
-        c.layers_per_block.get(0),
-        if c.mid_block_type.is_some() { "mid block" } else { "no mid block" },
-        c.heads(0),
-        c.cross_attention_dim
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use burn::tensor::Tensor;
@@ -593,52 +351,6 @@ mod tests {
         let image = sd.generate(&request, |_, x| assert!(!x.is_autodiff())).unwrap();
         assert!(!image.is_autodiff());
         assert_eq!(image.into_data(), view.generate(&request, |_, _| {}).unwrap().into_data());
-    }
-
-    #[test]
-    fn only_the_files_loading_needs_are_read() {
-        let paths = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let folder = paths(&[
-            "m/model_index.json",
-            "m/unet/config.json",
-            "m/unet/diffusion_pytorch_model.safetensors",
-            "m/unet/diffusion_pytorch_model.fp16.safetensors",
-            "m/text_encoder/model.fp16.safetensors",
-            "m/tokenizer/vocab.json",
-            "m/safety_checker/model.safetensors",
-            "m/feature_extractor/preprocessor_config.json",
-            "m/unet/diffusion_pytorch_model.bin",
-            "m/README.md",
-        ]);
-        assert_eq!(
-            files_to_read(&folder),
-            paths(&["m/model_index.json", "m/text_encoder/model.fp16.safetensors", "m/tokenizer/vocab.json", "m/unet/config.json", "m/unet/diffusion_pytorch_model.safetensors",])
-        );
-        // A checkpoint with a folder that describes it: the folder's weights are not read.
-        let mut with_checkpoint = folder.clone();
-        with_checkpoint.push("model.safetensors".into());
-        assert_eq!(files_to_read(&with_checkpoint), paths(&["m/model_index.json", "m/tokenizer/vocab.json", "m/unet/config.json", "model.safetensors"]));
-        // The fixture folder loads the same through it.
-        let native = read_folder(&fixtures().join("tiny-clean"), false).unwrap();
-        assert!(!native.is_empty() && native.keys().all(|k| !k.ends_with(".safetensors")));
-    }
-
-    #[test]
-    fn given_files_are_a_folder_or_one_checkpoint_with_its_configs() {
-        let file = |names: &[&str]| names.iter().map(|n| (n.to_string(), Box::new(vec![0u8]) as Box<dyn ByteSource>)).collect::<Files>();
-        let folder = file(&["m/unet/config.json", "m/unet/diffusion_pytorch_model.safetensors", "m/vae/diffusion_pytorch_model.safetensors"]);
-        assert!(matches!(ModelSource::from_files(folder).unwrap(), ModelSource::Folder(f) if f.len() == 3));
-        match ModelSource::from_files(file(&["ckpt/model.safetensors", "m/unet/config.json", "m/unet/diffusion_pytorch_model.safetensors"])).unwrap() {
-            ModelSource::SingleFile { name, config: Some(config), .. } => {
-                assert_eq!(name, "model.safetensors");
-                assert_eq!(config.keys().collect::<Vec<_>>(), ["m/unet/config.json"]);
-            }
-            _ => panic!("a checkpoint with its folder"),
-        }
-        assert!(matches!(ModelSource::from_files(file(&["a.safetensors"])).unwrap(), ModelSource::SingleFile { config: None, .. }));
-        let err = ModelSource::from_files(file(&["a.safetensors", "b.safetensors"])).err().unwrap().to_string();
-        assert_eq!(err, "2 checkpoints were given (a.safetensors, b.safetensors); give one, or a diffusers folder");
-        assert_eq!(ModelSource::from_files(Files::new()).err().unwrap().to_string(), "no model files were given");
     }
 
     #[test]
