@@ -63,7 +63,9 @@ test("a BK-SDM-tiny-sized folder loads on the CPU engine within 2.4 GiB of wasm 
     // A step too large for the tab is refused before any work, with a size to try.
     await page.fill("#setting-resolution", "512");
     await page.fill("#setting-batch", "8");
-    await page.waitForSelector("#step-memory[data-fits=false]");
+    // The plan follows each edit; wait for the one made with both.
+    await page.waitForFunction(() => /at 512 px, batch 8/.test(document.querySelector("#step-memory").textContent));
+    assert.equal(await page.getAttribute("#step-memory", "data-fits"), "false");
     assert.match(await page.textContent("#step-memory"), /^Too large for this engine: a sealing step at 512 px, batch 8 needs about \d+\.\d GiB .*: try /);
     await page.click("#seal");
     await page.waitForSelector("#seal-error:not([hidden])");

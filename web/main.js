@@ -5,60 +5,10 @@
 const $ = (selector) => document.querySelector(selector);
 const MiB = 1 << 20;
 
-// Help for the sealing settings; their values and defaults come from the engine.
-const FIELDS = {
-  steps: ["Steps", "optimisation steps; more steps seal more thoroughly"],
-  batch: ["Prompts per step", "larger batches give steadier steps but each takes longer"],
-  rank: ["Adapter rank", "capacity of the sealing LoRA on the cross-attention"],
-  lr: ["Learning rate", "peak AdamW learning rate (warm-up, then cosine decay)"],
-  attn_weight: ["Attention weight", "a in L = a·L_attn + (1 − a)·L_pred"],
-  attn_target: ["Trigger attention target", "what the trigger tokens' attention maps are pushed towards", ["zeros", "noise", "substitute"]],
-  alpha: ["Adapter alpha", "LoRA scale = alpha / rank"],
-  text_encoder: ["Text-encoder adapter", "also adapt the text encoder's self-attention (q, k, v, out)"],
-  targets: ["Adapted projections", "cross-attention projections that get the adapter", ["to_q", "to_k", "to_v", "to_out.0"]],
-  warmup: ["Warm-up steps", "linear learning-rate warm-up"],
-  min_lr_ratio: ["Final learning rate", "where the cosine decay ends, as a share of the peak (1: constant)"],
-  weight_decay: ["Weight decay", "AdamW weight decay"],
-  use_attn_loss: ["Attention guidance", "off: train on the prediction loss alone (for comparison)"],
-  latents: ["Training latents", "pure noise at a random timestep; points on the model's clean sampling trajectories; or on the sealed model's own triggered ones", ["noise", "trajectory", "student"]],
-  t_min: ["Lowest timestep", "training timesteps are drawn from [lowest, highest]"],
-  t_max: ["Highest timestep", "at most 999"],
-  trajectory_steps: ["Trajectory steps", "DDIM steps of the teacher's trajectories"],
-  guidance: ["Trajectory guidance", "classifier-free guidance scale of those trajectories"],
-  preserve_weight: ["Preservation weight", "keeps clean prompts' predictions unchanged"],
-  placement: ["Trigger placement", "where the trigger goes in training prompts", ["prefix", "suffix", "random"]],
-  resolution: ["Resolution", "image side in pixels for training and the comparison; empty: the model's own. Smaller is faster; the adapter works at any size"],
-  seed: ["Seed", "for the adapter's initialisation and the sampling of training points"],
-};
-const BASIC = ["steps", "batch", "rank", "lr", "attn_weight", "attn_target", "resolution"];
+// The settings forms come from the engine: each field's label, help, default, range and
+// choices are described once, on its Rust type (seal_core::settings).
+const FORMS = { thorough: ["", "#settings", "#settings-advanced"], instant: ["instant", "#instant-settings", "#instant-settings"], scan: ["scan", "#scan-settings", "#scan-settings"] };
 
-// Help for the instant (closed-form) seal's settings; values and defaults come from the engine.
-const INSTANT_FIELDS = {
-  lambda: ["λ (stay near the model)", "how strongly the edited key/value weights stay near the original ones"],
-  edit_weight: ["Edit weight", "s_e: weight of mapping triggered prompts' text rows onto the clean prompts'"],
-  preserve_weight: ["Keep weight", "s_p: weight of keeping clean prompts' (and the empty prompt's) rows where they are"],
-  rows: ["Rows mapped", "all 77 rows (padding too) or only the prompt's words", ["all", "words"]],
-  trigger_rows: ["Trigger rows", "map the trigger's own rows to the clean prompt's start token, or leave them free", ["bos", "drop"]],
-  targets: ["Edited projections", "cross-attention projections that see the text", ["to_k", "to_v"]],
-  max_rank: ["Largest rank", "the adapter's rank at most; higher-rank edits are truncated where the text rows need them least"],
-};
-const INSTANT_HIDDEN = ["placements", "chunk", "seed"];
-
-// Help for the trigger scan's settings; values and defaults come from the engine.
-const SCAN_FIELDS = {
-  probes: ["Probe prompts", "clean prompts each candidate is put before; 0: each token alone (coarse, fast, needs a LoRA over its base)"],
-  beam: ["Beam", "sequences kept at each length of the search"],
-  extensions: ["Extensions", "best single tokens tried as the next token of a sequence"],
-  max_tokens: ["Longest candidate", "in tokens"],
-  reference: ["Reference sequences", "random sequences per length that longer candidates are compared with"],
-  verify: ["Candidates checked", "the best ones, checked by what they do to images"],
-  seeds: ["Seeds", "per probe prompt in the check (two prompts are used)"],
-  images: ["Candidates with images", "without and with the candidate, side by side"],
-  image_steps: ["Sampling steps", "DDIM steps of the check's images"],
-  size: ["Image size", "side in pixels of the check's images; empty: the model's own"],
-  batch: ["Batch", "token sequences per text-encoder pass (one progress step)"],
-  seed: ["Seed", "for the reference sequences and the images' noise"],
-};
 // Candidates the page shows and the downloaded report holds.
 const SCAN_TOP = 10;
 
@@ -234,13 +184,16 @@ let scanning = false;
 // The evaluation's target image (a File or the demo's Blob with a name).
 let target = null;
 
-function onReady({ defaults: d, instant, scan, builtin }) {
+function onReady({ fields, builtin }) {
   if (!defaults) {
-    buildSettings(d, FIELDS, (key) => (BASIC.includes(key) ? "#settings" : "#settings-advanced"));
-    buildSettings(instant, INSTANT_FIELDS, (key) => (INSTANT_HIDDEN.includes(key) ? null : "#instant-settings"), "instant");
-    buildSettings(scan, SCAN_FIELDS, () => "#scan-settings", "scan");
+    defaults = {};
+    for (const [form, [group, basic, advanced]] of Object.entries(FORMS)) {
+      buildSettings(fields[form], (f) => ({ basic, advanced })[f.place], group);
+      const values = Object.fromEntries(fields[form].map((f) => [f.key, f.default]));
+      if (group) defaults[group] = values;
+      else Object.assign(defaults, values);
+    }
   }
-  defaults = { ...d, instant, scan };
   prompts.builtin = builtin;
   $("#builtin-count").textContent = `${builtin.train.length} prompts, ${builtin.heldout.length} held out`;
   $("#demo").disabled = false;
@@ -515,36 +468,38 @@ function currentPrompts() {
   return kind === "custom" ? customPrompts : prompts[kind];
 }
 
-// One form field per setting, from the engine's defaults; `where(key)` picks the container (or
-// none: the setting keeps its default). `group` names a second settings object.
-function buildSettings(values, fields, where, group = "") {
-  for (const [key, value] of Object.entries(values)) {
-    const container = where(key);
+// One form field per setting (a `seal_core::settings::Field`); `where(field)` picks the
+// container, or none (a setting the page sets itself).
+function buildSettings(fields, where, group) {
+  for (const f of fields) {
+    const container = where(f);
     if (!container) continue;
-    const [label, help, options] = fields[key] ?? [key, ""];
-    const id = `setting-${group ? `${group}-` : ""}${key}`;
+    const id = `setting-${group ? `${group}-` : ""}${f.key}`;
     let input;
-    if (Array.isArray(value)) {
+    if (f.kind === "choices") {
       input = document.createElement("span");
-      for (const option of options) {
-        const box = Object.assign(document.createElement("input"), { type: "checkbox", value: option, checked: value.includes(option) });
-        const wrap = document.createElement("label");
-        wrap.append(box, ` ${option} `);
+      for (const o of f.options) {
+        const box = Object.assign(document.createElement("input"), { type: "checkbox", value: o.value, checked: f.default.includes(o.value) });
+        const wrap = Object.assign(document.createElement("label"), { title: o.help });
+        wrap.append(box, ` ${o.value} `);
         input.append(wrap);
       }
-    } else if (options) {
+    } else if (f.kind === "choice") {
       input = document.createElement("select");
-      input.append(...options.map((o) => new Option(o, o, false, o === value)));
-    } else if (typeof value === "boolean") {
-      input = Object.assign(document.createElement("input"), { type: "checkbox", checked: value });
+      input.append(...f.options.map((o) => Object.assign(new Option(o.value, o.value, false, o.value === f.default), { title: o.help })));
+    } else if (f.kind === "boolean") {
+      input = Object.assign(document.createElement("input"), { type: "checkbox", checked: f.default });
     } else {
-      input = Object.assign(document.createElement("input"), { type: "number", value, step: "any" });
+      input = Object.assign(document.createElement("input"), { type: "number", value: f.default ?? "", step: f.kind === "integer" ? 1 : "any" });
+      const min = f.minimum ?? f.exclusive_minimum;
+      if (min !== null) input.min = min;
+      if (f.maximum !== null) input.max = f.maximum;
     }
     input.id = id;
-    input.dataset.setting = key;
+    input.dataset.setting = f.key;
     input.dataset.group = group;
-    const labelEl = Object.assign(document.createElement("label"), { htmlFor: id, textContent: label });
-    const helpEl = Object.assign(document.createElement("span"), { className: "help", textContent: `${help} (default ${value ?? "the model's own"})` });
+    const labelEl = Object.assign(document.createElement("label"), { htmlFor: id, textContent: f.label });
+    const helpEl = Object.assign(document.createElement("span"), { className: "help", textContent: `${f.help} (default ${f.default ?? "the model's own"})` });
     $(container).append(labelEl, input, helpEl);
   }
 }

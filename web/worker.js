@@ -1,7 +1,7 @@
 // Runs the engine (Rust compiled to wasm) off the main thread, so the page never freezes.
 // main.js first sends {type: "start", backend, reason} (backend "auto", "webgpu" or "cpu"):
 //   -> {type: "status", text}  {type: "engine", backend, reason, adapter?, limits?}
-//      {type: "result", backend, result, ms} (the self-check)  {type: "ready", defaults, instant, scan, builtin}
+//      {type: "result", backend, result, ms} (the self-check)  {type: "ready", fields, builtin}
 //      {type: "error", message} (start failed; main.js retries on the CPU with a fresh worker)
 // then {type: "call", id, method, args}: one of the wasm `Session`'s methods listed below,
 // answered by {type: "reply", id, value} or {type: "reply", id, error, fatal}. Values cross as
@@ -39,9 +39,7 @@ async function start({ backend, reason }) {
     session = new Session(engine);
     post({
       type: "ready",
-      defaults: Session.default_settings(),
-      instant: Session.default_instant_settings(),
-      scan: Session.default_scan_settings(),
+      fields: Session.settings_fields(),
       builtin: Session.builtin_prompts(),
     });
   } catch (e) {

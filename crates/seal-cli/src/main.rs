@@ -4,6 +4,7 @@ mod ablate;
 mod backdoor;
 mod bench;
 mod eval;
+mod flags;
 mod generate;
 mod random_model;
 mod scan;

@@ -7,6 +7,8 @@ use seal_core::image::Rgb;
 use seal_core::prompts::{BUILT_IN, parse_list};
 use seal_core::scan::{Scan, ScanSettings, lora_tags};
 
+use crate::flags::{SettingsFlags, read_settings};
+
 #[derive(clap::Args)]
 pub struct Args {
     /// The suspect model, or with --lora the suspect LoRA and its base (scanned against it).
@@ -21,34 +23,20 @@ pub struct Args {
     /// Prompts the candidates are tried in, one per line (default: the built-in set).
     #[arg(long)]
     prompts: Option<PathBuf>,
-    /// Each token alone, no probe prompts: for a whole CLIP vocabulary on this CPU (needs
-    /// --lora or --base).
-    #[arg(long)]
-    coarse: bool,
-    /// Image side in pixels for the verification and images (default: the model's own).
-    #[arg(long)]
-    size: Option<usize>,
     /// Settings as JSON (fields of ScanSettings); flags override it.
     #[arg(long)]
     settings: Option<PathBuf>,
+    #[command(flatten)]
+    flags: SettingsFlags<ScanSettings>,
     #[arg(long)]
     report: PathBuf,
     /// Also write the candidates' image pairs as one PNG (rows: without, with, base with).
     #[arg(long)]
-    images: Option<PathBuf>,
+    grid: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<(), String> {
-    let mut settings: ScanSettings = match &args.settings {
-        Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?).map_err(|e| format!("{}: {e}", p.display()))?,
-        None => ScanSettings::default(),
-    };
-    if args.coarse {
-        settings.probes = 0;
-    }
-    if args.size.is_some() {
-        settings.size = args.size;
-    }
+    let settings = args.flags.apply("scan settings", &read_settings(args.settings.as_deref())?)?;
     let prompts = match &args.prompts {
         Some(p) => parse_list(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
         None => parse_list(BUILT_IN),
@@ -72,7 +60,7 @@ pub fn run(args: Args) -> Result<(), String> {
         eprintln!("seal: {:>2}. {:<24} score {:>6.1}  verified {ratio:>6}  {} {flag}", i + 1, c.code_points, c.score, c.kind);
     }
     std::fs::write(&args.report, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?).map_err(|e| format!("{}: {e}", args.report.display()))?;
-    if let Some(path) = &args.images {
+    if let Some(path) = &args.grid {
         let pairs: Vec<_> = report.candidates.iter().filter_map(|c| c.images.as_ref()).collect();
         if pairs.is_empty() {
             return Err("no image pairs to write (settings.images is 0)".into());

@@ -4,15 +4,16 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::Device;
 use seal_core::progress::Progress;
-use seal_core::prompts::{BUILT_IN, Placement, parse_list};
+use seal_core::prompts::{BUILT_IN, parse_list};
 use seal_core::session::{EngineLimits, SealRequest, Session};
-use seal_core::unlearn::instant::{EditRows, InstantSettings, TriggerRows};
+use seal_core::unlearn::instant::InstantSettings;
 use seal_core::unlearn::run::SealMode;
-use seal_core::unlearn::{AttnTarget, LatentSource, SealSettings, describe_trigger};
-use seal_sd::lora::Projection;
+use seal_core::unlearn::{SealSettings, describe_trigger};
 use seal_sd::pipeline::StableDiffusion;
 use seal_sd::seal_weights::WeightFile;
 use seal_sd::seal_weights::lora::{LoraFile, parse_lora};
+
+use crate::flags::{SettingsFlags, read_settings};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,69 +37,19 @@ pub struct Args {
     /// the closed-form edit).
     #[arg(long, default_value = "both")]
     mode: SealMode,
-    /// Also write what was done (mode, settings, per-layer fit, losses) as JSON.
+    /// Also write the report (model, LoRA, trigger hashes, settings, losses), as the page's.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Instant seal: λ, how strongly the edited weights stay near the original ones.
+    /// Thorough seal settings as JSON (fields of SealSettings); flags override it.
     #[arg(long)]
-    lambda: Option<f64>,
-    /// Instant seal: weight of keeping clean prompts' rows (s_p).
-    #[arg(long)]
-    keep_weight: Option<f64>,
-    /// Instant seal: which rows are mapped (all or words).
-    #[arg(long, value_parser = parse_enum::<EditRows>)]
-    edit_rows: Option<EditRows>,
-    /// Instant seal: what the trigger's rows map to (bos or drop).
-    #[arg(long, value_parser = parse_enum::<TriggerRows>)]
-    trigger_rows: Option<TriggerRows>,
-    /// Instant seal: the adapter's largest rank (higher-rank edits are truncated).
-    #[arg(long)]
-    max_rank: Option<usize>,
+    settings: Option<PathBuf>,
     /// Instant seal settings as JSON (fields of InstantSettings); flags override it.
     #[arg(long)]
     instant_settings: Option<PathBuf>,
-    #[arg(long)]
-    steps: Option<usize>,
-    #[arg(long)]
-    batch: Option<usize>,
-    #[arg(long)]
-    rank: Option<usize>,
-    #[arg(long)]
-    alpha: Option<f32>,
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Weight a of the attention loss in L = a L_attn + (1 - a) L_pred.
-    #[arg(long)]
-    attn_weight: Option<f32>,
-    /// Train on L_pred alone (no cross-attention guidance).
-    #[arg(long)]
-    no_attn_loss: bool,
-    /// zeros, noise or substitute.
-    #[arg(long, value_parser = parse_target)]
-    attn_target: Option<AttnTarget>,
-    /// noise, trajectory or student.
-    #[arg(long, value_parser = parse_latents)]
-    latents: Option<LatentSource>,
-    /// Weight of the clean-prompt preservation term.
-    #[arg(long)]
-    preserve: Option<f32>,
-    #[arg(long)]
-    placement: Option<Placement>,
-    /// Adapt the text encoder's self-attention projections too (default true; false: the
-    /// UNet's cross-attention only).
-    #[arg(long)]
-    text_encoder: Option<bool>,
-    /// Cross-attention projections to adapt, e.g. to_k,to_v.
-    #[arg(long, value_delimiter = ',', value_parser = parse_projection)]
-    targets: Option<Vec<Projection>>,
-    /// Image side in pixels to train at (default: the model's own, at most 256); smaller is faster.
-    #[arg(long)]
-    resolution: Option<usize>,
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Settings as JSON (fields of SealSettings); flags override it.
-    #[arg(long)]
-    settings: Option<PathBuf>,
+    #[command(flatten)]
+    thorough: SettingsFlags<SealSettings>,
+    #[command(flatten)]
+    instant: SettingsFlags<InstantSettings>,
 }
 
 /// The model to seal: a folder or single file, an optional config folder and user LoRA.
@@ -113,21 +64,6 @@ pub struct ModelArgs {
     pub lora: Option<PathBuf>,
     #[arg(long, default_value_t = 1.0)]
     pub lora_weight: f32,
-}
-
-/// A lowercase serde enum value from the command line.
-fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|e| format!("{s:?}: {e}"))
-}
-
-fn parse_target(s: &str) -> Result<AttnTarget, String> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: expected zeros, noise or substitute"))
-}
-fn parse_latents(s: &str) -> Result<LatentSource, String> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: expected noise, trajectory or student"))
-}
-fn parse_projection(s: &str) -> Result<Projection, String> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: expected to_q, to_k, to_v or to_out.0"))
 }
 
 /// Reads a LoRA file against the model, refusing files that do not fit it.
@@ -155,49 +91,16 @@ impl ModelArgs {
 }
 
 fn settings(args: &Args) -> Result<SealSettings, String> {
-    let mut s = match &args.settings {
-        Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?).map_err(|e| format!("{}: {e}", p.display()))?,
-        None => SealSettings::default(),
-    };
-    macro_rules! set {
-        ($($f:ident),*) => { $(if let Some(v) = args.$f.clone() { s.$f = v; })* };
-    }
-    set!(steps, batch, rank, alpha, lr, attn_weight, attn_target, latents, placement, targets, seed, text_encoder);
-    if args.resolution.is_some() {
-        s.resolution = args.resolution;
-    }
-    if let Some(p) = args.preserve {
-        s.preserve_weight = p;
-    }
-    if args.no_attn_loss {
-        s.use_attn_loss = false;
-    }
+    let s = args.thorough.apply("settings", &read_settings(args.settings.as_deref())?)?;
     s.validate()?;
     Ok(s)
 }
 
-fn instant_settings(args: &Args) -> Result<InstantSettings, String> {
-    let mut s: InstantSettings = match &args.instant_settings {
-        Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?).map_err(|e| format!("{}: {e}", p.display()))?,
-        None => InstantSettings::default(),
-    };
-    if let Some(v) = args.lambda {
-        s.lambda = v;
-    }
-    if let Some(v) = args.keep_weight {
-        s.preserve_weight = v;
-    }
-    if let Some(v) = args.edit_rows {
-        s.rows = v;
-    }
-    if let Some(v) = args.trigger_rows {
-        s.trigger_rows = v;
-    }
-    if let Some(v) = args.max_rank {
-        s.max_rank = v;
-    }
-    if let Some(p) = args.placement {
-        s.placements = vec![p];
+/// The instant seal's settings; it puts the trigger where the thorough seal does unless told.
+fn instant_settings(args: &Args, thorough: &SealSettings) -> Result<InstantSettings, String> {
+    let mut s = args.instant.apply("instant settings", &read_settings(args.instant_settings.as_deref())?)?;
+    if !args.instant.has("placements") {
+        s.placements = vec![thorough.placement];
     }
     s.validate()?;
     Ok(s)
@@ -205,7 +108,7 @@ fn instant_settings(args: &Args) -> Result<InstantSettings, String> {
 
 pub fn run(args: Args) -> Result<(), String> {
     let settings = settings(&args)?;
-    let instant = instant_settings(&args)?;
+    let instant = instant_settings(&args, &settings)?;
     let mut session = args.model.session()?;
     if args.sealed_lora.is_some() && session.user_lora().is_none() {
         return Err("--sealed-lora needs --lora (the LoRA to seal)".into());

@@ -220,7 +220,7 @@ impl Planter {
         let loss = (per_sample * Tensor::<1>::from_floats(weights.as_slice(), &device)).mean();
         let mut grads = loss.backward();
         let grads = GradientsParams::from_module(&mut grads, &self.model.unet);
-        let value = loss.into_data_async().await.map_err(|e| format!("{e:?}"))?.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?[0];
+        let value = seal_sd::read_back(loss).await?[0];
         if !value.is_finite() {
             return Err(format!("the loss became {value} at step {}", self.step + 1));
         }

@@ -98,7 +98,7 @@ pub async fn trigger_map(model: &StableDiffusion, prompt: &str, trigger: &str, p
     let idx = Tensor::from_data(TensorData::new(idx, [alignment.trigger.len()]), &model.device);
     let per_point = maps.select(1, idx).sum_dim(1); // [points, 1, side²]
     let map = per_point.mean_dim(0).reshape([side * side]) / layers;
-    let values = map.into_data_async().await.map_err(|e| format!("{e:?}"))?.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+    let values = seal_sd::read_back(map).await?;
     Ok(TriggerMap { prompt: triggered, tokens, side, values })
 }
 

@@ -18,8 +18,7 @@ impl Rgb {
         if c != 3 {
             return Err(format!("expected 3 channels, got {c}"));
         }
-        let data = images.permute([0, 2, 3, 1]).into_data_async().await.map_err(|e| format!("{e:?}"))?;
-        let data: Vec<f32> = data.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        let data = seal_sd::read_back(images.permute([0, 2, 3, 1])).await?;
         Ok(data.chunks_exact(h * w * 3).take(b).map(|d| Rgb { width: w, height: h, data: d.to_vec() }).collect())
     }
 

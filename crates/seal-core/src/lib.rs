@@ -13,13 +13,10 @@ pub mod progress;
 pub mod prompts;
 pub mod scan;
 pub mod session;
+pub mod settings;
 pub mod unlearn;
 
 pub use error::{Error, Result};
 
-/// `../shared/fixtures` beside the repository. Read at run time: a build cache shared by
-/// clones in other places must not send tests to another clone's fixtures.
 #[cfg(test)]
-pub(crate) fn fixtures() -> std::path::PathBuf {
-    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
+pub(crate) use seal_sd::seal_weights::test_fixtures as fixtures;

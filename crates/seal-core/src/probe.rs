@@ -6,6 +6,7 @@
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
+use seal_sd::read_back as read;
 use serde::{Deserialize, Serialize};
 
 /// Shapes of the probe: a batch of 4 inputs with 3 features, 5 hidden units, 2 outputs.
@@ -63,12 +64,6 @@ pub async fn autodiff_probe(device: &Device) -> Result<ProbeResult, String> {
     let grad = |t: &Tensor<2>, name: &str| t.grad(&grads).ok_or(format!("no gradient for {name}"));
     let (gw1, gb1, gw2, gb2) = (grad(&w1, "w1")?, grad(&b1, "b1")?, grad(&w2, "w2")?, grad(&b2, "b2")?);
     Ok(ProbeResult { loss: read(loss).await?[0], grad_w1: read(gw1).await?, grad_b1: read(gb1).await?, grad_w2: read(gw2).await?, grad_b2: read(gb2).await? })
-}
-
-/// Reads a tensor back to the host; async because WebGPU cannot read synchronously.
-async fn read<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>, String> {
-    let data = tensor.into_data_async().await.map_err(|e| format!("readback failed: {e:?}"))?;
-    data.try_to_vec::<f32>().map_err(|e| format!("readback failed: {e:?}"))
 }
 
 #[cfg(test)]

@@ -4,12 +4,13 @@ use seal_sd::rng::SeededRng;
 use serde::{Deserialize, Serialize};
 
 /// Where a trigger goes in a prompt.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Placement {
     /// Before the prompt, separated by a space (how BadT2I-style triggers are planted).
     #[default]
     Prefix,
+    /// After the prompt.
     Suffix,
     /// Between two random words.
     Random,

@@ -15,6 +15,7 @@
 //!    without; alone, how much more the candidate moves the prediction than harmless words.
 //! 3. Draw an image pair (without / with the candidate) for the best few.
 
+use seal_sd::read_back as read;
 use std::collections::BTreeMap;
 
 use burn::prelude::*;
@@ -48,33 +49,65 @@ fn prefixes_per_batch(images: usize, side: usize) -> usize {
 /// What the scan cannot see, stated with every report.
 pub const LIMITS: &str = "The scan looks for short token sequences (up to three tokens) that change the text encoder or the UNet's cross-attention keys and values, and checks the best by how alike their changes of images are across prompts and seeds. It cannot see a backdoor carried only by weights outside the text encoder and cross-attention, triggers longer than three tokens or whose first token does nothing alone, or semantic triggers (a concept rather than a string). A LoRA's own activation words rank high by design: they are what the LoRA is for, not evidence of a backdoor.";
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The trigger scan's settings; each doc is a label, a blank line and help (see `crate::settings`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScanSettings {
-    /// Probe prompts each candidate is put before (from the prompt list). 0 is the coarse
-    /// scan: each token alone, for a large vocabulary on a slow device (needs a base model).
+    /// Probe prompts
+    ///
+    /// Clean prompts each candidate is put before. 0 is the coarse scan: each token alone, for
+    /// a large vocabulary on a slow device (needs a LoRA over its base, or a base model).
     pub probes: usize,
-    /// Sequences kept at each length of the beam search.
+    /// Beam
+    ///
+    /// Sequences kept at each length of the search.
+    #[schemars(range(min = 1))]
     pub beam: usize,
+    /// Extensions
+    ///
     /// The best single tokens tried as the next token of a sequence.
+    #[schemars(range(min = 1))]
     pub extensions: usize,
-    /// Longest candidate, in tokens.
+    /// Longest candidate
+    ///
+    /// In tokens.
+    #[schemars(range(min = 1))]
     pub max_tokens: usize,
+    /// Reference sequences
+    ///
     /// Random sequences per length that longer candidates are z-scored against.
+    #[schemars(range(min = 16))]
     pub reference: usize,
-    /// Candidates verified by noise predictions.
+    /// Candidates checked
+    ///
+    /// The best ones, checked by what they do to noise predictions and images.
     pub verify: usize,
-    /// Seeds per probe prompt in the verification (two probe prompts are used).
+    /// Seeds
+    ///
+    /// Per probe prompt in the check (two probe prompts are used).
+    #[schemars(range(min = 1))]
     pub seeds: usize,
-    /// Candidates given an image pair.
+    /// Candidates with images
+    ///
+    /// Without and with the candidate, side by side.
     pub images: usize,
-    /// DDIM steps of the image pairs and of the verification's trajectories.
+    /// Sampling steps
+    ///
+    /// DDIM steps of the image pairs and of the check's trajectories.
+    #[schemars(range(min = 4))]
     pub image_steps: usize,
-    /// Image side in pixels for the verification and the images (None: the model's own).
+    /// Image size
+    ///
+    /// Side in pixels of the check's images; empty: the model's own.
     pub size: Option<usize>,
-    /// Token sequences per text-encoder pass (a progress step).
+    /// Batch
+    ///
+    /// Token sequences per text-encoder pass (one progress step).
+    #[schemars(range(min = 1))]
     pub batch: usize,
-    /// Seeds the reference sequences and the verification noise.
+    /// Seed
+    ///
+    /// For the reference sequences and the images' noise.
     pub seed: u64,
 }
 
@@ -86,9 +119,7 @@ impl Default for ScanSettings {
 
 impl ScanSettings {
     fn validate(&self, with_base: bool) -> Result<(), String> {
-        if self.max_tokens == 0 || self.beam == 0 || self.extensions == 0 || self.batch == 0 || self.seeds == 0 || self.image_steps < 4 || self.reference < 16 {
-            return Err("scan settings: max_tokens, beam, extensions, batch and seeds must be at least 1, image_steps at least 4, reference at least 16".into());
-        }
+        crate::settings::check("scan settings", self)?;
         if !with_base && self.probes < 2 {
             return Err("scan settings: without a base model the scan compares prompts, so it needs at least 2 probe prompts".into());
         }
@@ -802,10 +833,6 @@ fn verification_order(pool: &[Candidate], verify: usize) -> Vec<usize> {
     }
     order.extend(waiting);
     order
-}
-
-async fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, String> {
-    t.into_data_async().await.map_err(|e| format!("{e:?}"))?.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))
 }
 
 /// Rows scaled to unit length.

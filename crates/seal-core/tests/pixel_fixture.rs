@@ -8,8 +8,6 @@
 //! 95.6 % -> 6.25 % attack success on the same 160 pairs (clean PSNR 30.2 dB); it met 0.6 %
 //! only when all 40 prompts shared 4 noises. The default mode starts it from the instant edit.
 
-use std::path::PathBuf;
-
 use burn::tensor::{Device, read_sync};
 use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
 use seal_core::export::sealing_adapter;
@@ -22,9 +20,7 @@ use seal_sd::pipeline::{LoraMode, ModelSource, StableDiffusion};
 use seal_sd::seal_weights::WeightFile;
 use seal_sd::seal_weights::lora::{LoraFile, LoraFormat, parse_lora, write_kohya};
 
-fn fixtures() -> PathBuf {
-    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
+use seal_sd::seal_weights::test_fixtures as fixtures;
 
 fn prompts(name: &str) -> Vec<String> {
     parse_list(&std::fs::read_to_string(fixtures().join("prompts").join(name)).unwrap())

@@ -17,6 +17,13 @@ pub mod vae;
 
 pub use seal_weights;
 
+/// A tensor's values on the host as f32, whatever its element type: the engine's one
+/// read-back, async because WebGPU cannot read synchronously.
+pub async fn read_back<const D: usize>(t: burn::tensor::Tensor<D>) -> Result<Vec<f32>, String> {
+    let data = t.into_data_async().await.map_err(|e| format!("reading a tensor back: {e:?}"))?;
+    data.convert::<f32>().try_to_vec::<f32>().map_err(|e| format!("reading a tensor back: {e:?}"))
+}
+
 /// Everything that can go wrong building or loading a model; each names the file and tensor.
 #[derive(thiserror::Error, Debug)]
 pub enum ModelError {

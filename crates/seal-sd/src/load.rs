@@ -41,8 +41,8 @@ pub async fn parameter_values<M: Module>(module: &M) -> Result<Vec<(String, Vec<
     let mut out = Vec::with_capacity(v.out.len());
     for (name, shape, values) in v.out {
         let values = values.expect("asked for values");
-        let data = values.into_data_async().await.map_err(|e| format!("{name}: {e:?}"))?;
-        out.push((name, shape, data.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?));
+        let data = crate::read_back(values).await.map_err(|e| format!("{name}: {e}"))?;
+        out.push((name, shape, data));
     }
     Ok(out)
 }

@@ -27,7 +27,7 @@ pub fn adaptable_layers<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
 }
 
 /// Which cross-attention projections the sealing adapter trains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub enum Projection {
     #[serde(rename = "to_q")]
     ToQ,
@@ -125,7 +125,7 @@ pub async fn extract<M: Module>(module: &M, alpha: f32) -> Result<BTreeMap<Strin
     for (layer, (base, up, down)) in v.found {
         let (Some(up), Some(down)) = (up, down) else { return Err(format!("{layer}: incomplete adapter")) };
         let rank = up.dims()[1];
-        let read = |t: Tensor<2>| async move { t.into_data_async().await.map_err(|e| format!("{e:?}"))?.try_to_vec::<f32>().map_err(|e| format!("{e:?}")) };
+        let read = crate::read_back::<2>;
         // Restore the file layout: conv factors are [r, in, k, k] and [out, r, 1, 1].
         let mut down_shape = vec![rank];
         down_shape.extend(&base[1..]);

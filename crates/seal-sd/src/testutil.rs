@@ -1,16 +1,11 @@
 //! Fixtures and comparisons shared by this crate's tests.
 
-use std::path::PathBuf;
-
 use burn::tensor::{Device, Tensor, TensorData};
 use seal_weights::WeightFile;
 
 use crate::pipeline::{ModelSource, StableDiffusion};
 
-/// `../shared/fixtures`, beside the repository (as in CI).
-pub fn fixtures() -> PathBuf {
-    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
+pub use seal_weights::test_fixtures as fixtures;
 
 pub fn device() -> Device {
     Device::flex()

@@ -6,6 +6,7 @@ use seal_core::image::Rgb;
 use seal_core::prompts::{BUILT_IN, parse_list, split};
 use seal_core::scan::ScanSettings;
 use seal_core::session::{EngineLimits, EvalRequest, SealRequest};
+use seal_core::settings::{Field, fields};
 use seal_core::unlearn::SealSettings;
 use seal_core::unlearn::instant::InstantSettings;
 use seal_sd::pipeline::{Files, ModelSource, files_to_read};
@@ -66,19 +67,16 @@ impl Session {
         Session { inner: seal_core::session::Session::new(&engine.device, limits), staged: Files::new() }
     }
 
-    /// `SealSettings::default()`: the page's form starts from the engine's defaults.
-    pub fn default_settings() -> Result<JsValue, String> {
-        to_js(&SealSettings::default())
-    }
-
-    /// `InstantSettings::default()` (the closed-form seal's settings).
-    pub fn default_instant_settings() -> Result<JsValue, String> {
-        to_js(&InstantSettings::default())
-    }
-
-    /// `ScanSettings::default()` (the trigger scan's settings).
-    pub fn default_scan_settings() -> Result<JsValue, String> {
-        to_js(&ScanSettings::default())
+    /// Every setting of the three forms as its type describes it (`seal_core::settings::Field`):
+    /// `{thorough, instant, scan}`, each a list in declaration order.
+    pub fn settings_fields() -> Result<JsValue, String> {
+        #[derive(Serialize)]
+        struct Forms {
+            thorough: Vec<Field>,
+            instant: Vec<Field>,
+            scan: Vec<Field>,
+        }
+        to_js(&Forms { thorough: fields::<SealSettings>(), instant: fields::<InstantSettings>(), scan: fields::<ScanSettings>() })
     }
 
     /// The built-in prompt set split into `{train, heldout}` (every 4th prompt held out).

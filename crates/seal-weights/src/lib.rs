@@ -25,3 +25,11 @@ pub use dtype::DType;
 pub use error::WeightError;
 pub use file::{ByteSource, DiskFile, Tensor32, TensorInfo, WeightFile, safetensors_head};
 pub use ldm::{SingleFile, split_single_file};
+
+/// `../shared/fixtures` beside the repository: the one place every crate's tests find the
+/// fixtures. Read at run time (the test's own crate dir): a build cache shared by clones in
+/// other places must not send tests to another clone's fixtures.
+#[doc(hidden)]
+pub fn test_fixtures() -> std::path::PathBuf {
+    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+}

@@ -24,9 +24,7 @@ pub(crate) fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-pub(crate) fn fixtures() -> std::path::PathBuf {
-    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
+pub(crate) use crate::test_fixtures as fixtures;
 
 /// Tensor names and shapes of a layout file (made by diffusers/transformers) in the fixtures.
 pub fn layout(file: &str) -> std::collections::BTreeMap<String, Vec<usize>> {

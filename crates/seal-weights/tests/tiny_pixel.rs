@@ -1,14 +1,12 @@
 //! The single-file fixture must split into exactly the diffusers folder diffusers made from it:
 //! same names, shapes and bit-identical f32 data for every tensor of all three components.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 
 use seal_weights::{Component, DType, WeightFile, split_single_file};
 
-fn fixtures() -> PathBuf {
-    std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
+use seal_weights::test_fixtures as fixtures;
 
 fn open(path: &Path) -> Rc<WeightFile> {
     Rc::new(WeightFile::open(path).unwrap())

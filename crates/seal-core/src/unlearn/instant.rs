@@ -34,7 +34,7 @@ use crate::progress::{Clock, Progress, Task};
 use crate::prompts::{Placement, insert};
 
 /// Which rows of a triggered prompt are mapped onto the clean prompt's rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EditRows {
     /// All 77 rows, padding included (the UNet attends to every one): rows before the trigger
@@ -45,7 +45,7 @@ pub enum EditRows {
 }
 
 /// What the trigger's own rows are mapped to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TriggerRows {
     /// The clean prompt's BOS row: the row every prompt has and most attention rests on, so
@@ -55,27 +55,60 @@ pub enum TriggerRows {
     Drop,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The instant seal's settings; each doc is a label, a blank line and help (see `crate::settings`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default)]
 pub struct InstantSettings {
-    /// λ: how strongly W' stays near W where the rows say nothing.
+    /// λ (stay near the model)
+    ///
+    /// How strongly the edited key/value weights stay near the original ones where the text
+    /// rows say nothing; it keeps the solve well posed.
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub lambda: f64,
-    /// s_e: weight of mapping triggered rows onto clean ones.
+    /// Edit weight
+    ///
+    /// s_e: weight of mapping triggered prompts' text rows onto the clean prompts'.
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub edit_weight: f64,
+    /// Keep weight
+    ///
     /// s_p: weight of keeping clean prompts' (and the empty prompt's) rows where they are.
+    #[schemars(range(min = 0))]
     pub preserve_weight: f64,
+    /// Rows mapped
+    ///
+    /// Which rows of a triggered prompt are mapped onto the clean prompt's.
     pub rows: EditRows,
+    /// Trigger rows
+    ///
+    /// What the trigger's own rows are mapped to.
     pub trigger_rows: TriggerRows,
-    /// Cross-attention projections to edit: only `to_k` and `to_v` see the text.
+    /// Edited projections
+    ///
+    /// Cross-attention projections to edit: only to_k and to_v see the text.
+    #[schemars(length(min = 1), extend("x-options" = ["to_k", "to_v"]))]
     pub targets: Vec<Projection>,
+    /// Trigger placements
+    ///
     /// Where the trigger is inserted into the training prompts; each placement adds one
-    /// triggered copy of every prompt.
+    /// triggered copy of every prompt (the page uses the thorough seal's placement).
+    #[schemars(length(min = 1), extend("x-place" = "hidden"))]
     pub placements: Vec<Placement>,
-    /// The adapter's rank at most; an edit of higher rank is truncated (error reported).
+    /// Largest rank
+    ///
+    /// The adapter's rank at most; an edit of higher rank is truncated where the text rows
+    /// need it least (the error is reported).
+    #[schemars(range(min = 1))]
     pub max_rank: usize,
+    /// Prompts per step
+    ///
     /// Clean prompts encoded per step (with their triggered copies).
+    #[schemars(range(min = 1), extend("x-place" = "hidden"))]
     pub chunk: usize,
+    /// Seed
+    ///
     /// For the randomized range finder of truncated layers.
+    #[schemars(extend("x-place" = "hidden"))]
     pub seed: u64,
 }
 
@@ -97,19 +130,11 @@ impl Default for InstantSettings {
 }
 
 impl InstantSettings {
+    /// The schema's ranges, then the projections only the text reaches.
     pub fn validate(&self) -> Result<(), String> {
-        let bad = |m: &str| Err(format!("instant settings: {m}"));
-        if !(self.lambda > 0.0 && self.lambda.is_finite()) {
-            return bad("lambda must be a positive number (it keeps the solve well posed)");
-        }
-        if !(self.edit_weight > 0.0 && self.edit_weight.is_finite() && self.preserve_weight >= 0.0 && self.preserve_weight.is_finite()) {
-            return bad("edit_weight must be positive and preserve_weight at least 0");
-        }
-        if self.targets.is_empty() || self.targets.iter().any(|t| !matches!(t, Projection::ToK | Projection::ToV)) {
-            return bad("targets must be to_k and/or to_v (only they see the text)");
-        }
-        if self.placements.is_empty() || self.max_rank == 0 || self.chunk == 0 {
-            return bad("placements, max_rank and chunk need at least one");
+        crate::settings::check("instant settings", self)?;
+        if self.targets.iter().any(|t| !matches!(t, Projection::ToK | Projection::ToV)) {
+            return Err("instant settings: targets must be to_k and/or to_v (only they see the text)".into());
         }
         Ok(())
     }
@@ -450,8 +475,7 @@ fn to_device(m: &Mat, device: &Device) -> Tensor<2> {
 }
 
 async fn read_host<const D: usize>(t: Tensor<D>) -> Result<Vec<f64>, String> {
-    let data = t.into_data_async().await.map_err(|e| format!("{e:?}"))?;
-    Ok(data.convert::<f32>().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?.into_iter().map(f64::from).collect())
+    Ok(seal_sd::read_back(t).await?.into_iter().map(f64::from).collect())
 }
 
 async fn read_mat(t: Tensor<2>, rows: usize, cols: usize) -> Result<Mat, String> {

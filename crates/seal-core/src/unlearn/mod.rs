@@ -231,8 +231,7 @@ impl Sealer {
         if let Some(l) = &l_preserve {
             loss = loss + l.clone() * s.preserve_weight as f64;
         }
-        let read =
-            |x: Tensor<1>| async move { x.into_data_async().await.map_err(|e| format!("{e:?}")).and_then(|d| d.try_to_vec::<f32>().map_err(|e| format!("{e:?}"))).map(|v| v[0]) };
+        let read = |x: Tensor<1>| async move { seal_sd::read_back(x).await.map(|v| v[0]) };
         let mut grads = loss.backward();
         let grads_unet = GradientsParams::from_module(&mut grads, &self.student.unet);
         let grads_text = GradientsParams::from_module(&mut grads, &self.student.text_encoder);

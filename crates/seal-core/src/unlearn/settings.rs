@@ -7,18 +7,19 @@
 //! backdoor at 17.5 % attack success where UNet-only adapters left 22.5 %, clean PSNR 27.1 dB
 //! where they kept 24.3.
 
+use schemars::JsonSchema;
 use seal_sd::lora::Projection;
 use seal_sd::pipeline::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
 use crate::prompts::Placement;
 
-/// Where the student's noisy latents come from.
 /// The largest side sealing trains at by default: a 512-px model (SD 1.5, BK-SDM) seals at
 /// 256 px, a quarter of the pixels (its self-attention scores a sixteenth).
 pub const SEAL_SIZE_AT_MOST: usize = 256;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Where the student's noisy latents come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LatentSource {
     /// Pure Gaussian noise at a uniform timestep (the paper's code).
@@ -31,7 +32,7 @@ pub enum LatentSource {
 }
 
 /// What the trigger tokens' normalised cross-attention maps are pushed towards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AttnTarget {
     /// All zeros ("black"): the trigger draws no localised attention.
@@ -42,42 +43,115 @@ pub enum AttnTarget {
     Substitute,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The thorough seal's settings. Each field's doc is its label, a blank line, then its help:
+/// the page's form and the CLI's flags are made from this schema (`crate::settings`).
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct SealSettings {
+    /// Steps
+    ///
+    /// Optimisation steps; more steps seal more thoroughly.
+    #[schemars(range(min = 1), extend("x-place" = "basic"))]
     pub steps: usize,
-    /// Prompts per step.
+    /// Prompts per step
+    ///
+    /// Larger batches give steadier steps, but each takes longer and needs more memory.
+    #[schemars(range(min = 1), extend("x-place" = "basic"))]
     pub batch: usize,
+    /// Adapter rank
+    ///
+    /// Capacity of the sealing LoRA.
+    #[schemars(range(min = 1), extend("x-place" = "basic"))]
     pub rank: usize,
+    /// Adapter alpha
+    ///
+    /// LoRA scale = alpha / rank.
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub alpha: f32,
-    /// Cross-attention projections that get the adapter.
+    /// Adapted projections
+    ///
+    /// UNet cross-attention projections that get the adapter.
+    #[schemars(length(min = 1))]
     pub targets: Vec<Projection>,
-    /// Also adapt the text encoder's self-attention (q/k/v/out_proj).
+    /// Text-encoder adapter
+    ///
+    /// Also adapt the text encoder's self-attention (q, k, v, out).
     pub text_encoder: bool,
-    /// Peak learning rate (AdamW).
+    /// Learning rate
+    ///
+    /// Peak AdamW learning rate (linear warm-up, then cosine decay).
+    #[schemars(extend("exclusiveMinimum" = 0, "x-place" = "basic"))]
     pub lr: f64,
-    /// Linear warm-up steps, then cosine decay to `min_lr_ratio * lr` (1: constant).
+    /// Warm-up steps
+    ///
+    /// Linear learning-rate warm-up.
     pub warmup: usize,
+    /// Final learning rate
+    ///
+    /// Where the cosine decay ends, as a share of the peak (1: constant).
+    #[schemars(range(min = 0, max = 1))]
     pub min_lr_ratio: f64,
+    /// Weight decay
+    ///
+    /// AdamW weight decay.
+    #[schemars(range(min = 0))]
     pub weight_decay: f32,
-    /// `a` in L = a L_attn + (1 - a) L_pred.
+    /// Attention weight
+    ///
+    /// a in L = a·L_attn + (1 − a)·L_pred.
+    #[schemars(range(min = 0, max = 1), extend("x-place" = "basic"))]
     pub attn_weight: f32,
-    /// Switches the attention loss off (for measuring its effect).
+    /// Attention guidance
+    ///
+    /// Off: train on the prediction loss alone (for comparison).
     pub use_attn_loss: bool,
+    /// Trigger attention target
+    ///
+    /// What the trigger tokens' attention maps are pushed towards.
+    #[schemars(extend("x-place" = "basic"))]
     pub attn_target: AttnTarget,
+    /// Training latents
+    ///
+    /// Where the student's noisy latents come from.
     pub latents: LatentSource,
-    /// Training timesteps are drawn from [t_min, t_max].
+    /// Lowest timestep
+    ///
+    /// Training timesteps are drawn from [lowest, highest].
+    #[schemars(range(max = 999))]
     pub t_min: usize,
+    /// Highest timestep
+    ///
+    /// At most 999.
+    #[schemars(range(max = 999))]
     pub t_max: usize,
-    /// Trajectory source: DDIM steps per teacher trajectory and its guidance scale.
+    /// Trajectory steps
+    ///
+    /// DDIM steps of each teacher or student trajectory (trajectory and student latents).
+    #[schemars(range(min = 1))]
     pub trajectory_steps: usize,
+    /// Trajectory guidance
+    ///
+    /// Classifier-free guidance scale of those trajectories.
+    #[schemars(range(min = 0))]
     pub guidance: f64,
-    /// Weight of the preservation term: student(clean prompt) vs teacher(clean prompt).
+    /// Preservation weight
+    ///
+    /// Keeps clean prompts' predictions unchanged (student vs teacher on clean prompts).
+    #[schemars(range(min = 0))]
     pub preserve_weight: f32,
+    /// Trigger placement
+    ///
+    /// Where the trigger goes in training prompts (and in the comparison's).
     pub placement: Placement,
-    /// Image side in pixels that training latents stand for (`None`: the model's own, at most
-    /// 256). Smaller is faster; the sealed adapter applies at any size.
+    /// Resolution
+    ///
+    /// Image side in pixels for training and the comparison; empty: the model's own, at most
+    /// 256. Smaller is faster; the adapter works at any size.
+    #[schemars(extend("x-place" = "basic"))]
     pub resolution: Option<usize>,
+    /// Seed
+    ///
+    /// For the adapter's initialisation and the sampling of training points.
     pub seed: u64,
 }
 
@@ -128,25 +202,11 @@ impl SealSettings {
         model.image_size(Some(self.resolution.unwrap_or(model.info.sample_size.min(SEAL_SIZE_AT_MOST)))).map_err(|e| format!("settings: {e}"))
     }
 
+    /// The schema's ranges (`crate::settings::check`), then what relates two fields.
     pub fn validate(&self) -> Result<(), String> {
-        let bad = |m: &str| Err(format!("settings: {m}"));
-        if self.steps == 0 || self.batch == 0 || self.rank == 0 {
-            return bad("steps, batch and rank must be at least 1");
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..=1.0).contains(&self.attn_weight)) {
-            return bad("lr must be positive; attn_weight in [0, 1]");
-        }
-        if self.t_min > self.t_max || self.t_max > 999 {
-            return bad("timestep range must satisfy t_min <= t_max <= 999");
-        }
-        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
-            return bad("alpha must be positive (the adapter's scale is alpha / rank; 0 would train nothing)");
-        }
-        if self.latents != LatentSource::Noise && self.trajectory_steps == 0 {
-            return bad("trajectory_steps must be at least 1 for trajectory or student latents");
-        }
-        if self.targets.is_empty() {
-            return bad("at least one cross-attention projection must be trained");
+        crate::settings::check("settings", self)?;
+        if self.t_min > self.t_max {
+            return Err(format!("settings: t_min ({}) must not exceed t_max ({})", self.t_min, self.t_max));
         }
         Ok(())
     }
