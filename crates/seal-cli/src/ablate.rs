@@ -189,9 +189,6 @@ fn summary(step: usize, r: &EvalReport) -> Value {
 }
 
 fn write(path: &std::path::Path, rows: &[Value]) -> Result<(), String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
     let text = serde_json::to_string_pretty(&json!({
         "model": "tiny-pixel fixture",
         "fit": "prompts/train.txt less every 4th prompt (60)",
@@ -200,7 +197,7 @@ fn write(path: &std::path::Path, rows: &[Value]) -> Result<(), String> {
         "variants": rows,
     }))
     .map_err(|e| e.to_string())?;
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+    crate::write_file(path, text.as_bytes())
 }
 
 /// The instant seal's variants: the defaults, then one change each.
@@ -284,10 +281,7 @@ fn run_instant(args: Args) -> Result<(), String> {
             "variants": rows,
         }))
         .map_err(|e| e.to_string())?;
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+        crate::write_file(&out, text.as_bytes())?;
     }
     Ok(())
 }

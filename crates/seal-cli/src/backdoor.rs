@@ -11,8 +11,6 @@ use seal_core::image::Rgb;
 use seal_sd::load::parameter_values;
 use seal_sd::seal_weights::{DType, safetensors_head};
 
-use crate::random_model::write;
-
 #[derive(clap::Args)]
 pub struct Args {
     /// The clean diffusers folder to fine-tune (its UNet is trained; the rest is copied).
@@ -95,10 +93,10 @@ pub fn plant(model: &Path, data: &[Sample], settings: &BackdoorSettings, out: &P
     for (_, _, values) in &tensors {
         bytes.extend(values.iter().flat_map(|x| x.to_le_bytes()));
     }
-    write(&out.join("unet/diffusion_pytorch_model.safetensors"), &bytes)?;
+    crate::write_file(&out.join("unet/diffusion_pytorch_model.safetensors"), &bytes)?;
     // Written last: its presence says the folder is complete.
     let record = serde_json::json!({ "base": model, "settings": settings, "train_s": start.elapsed().as_secs_f64() });
-    write(&out.join(RECORD), serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?.as_bytes())?;
+    crate::write_file(&out.join(RECORD), serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?.as_bytes())?;
     eprintln!("seal: wrote {} ({:.0} s)", out.display(), start.elapsed().as_secs_f64());
     Ok(())
 }

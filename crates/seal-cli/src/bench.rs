@@ -430,7 +430,7 @@ fn write_report(out: &std::path::Path, report: &Value) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
-    crate::seal::write_atomic(out, text.as_bytes())?;
+    crate::write_file(out, text.as_bytes())?;
     println!("{text}");
     Ok(())
 }

@@ -98,10 +98,10 @@ pub fn run(args: Args) -> Result<(), String> {
     let report = serde_json::to_string_pretty(&eval.report(prompts.len())).map_err(|e| e.to_string())?;
     println!("{report}");
     if let Some(path) = &args.report {
-        crate::seal::write_atomic(path, report.as_bytes())?;
+        crate::write_file(path, report.as_bytes())?;
     }
     if let Some(path) = &args.grid {
-        crate::seal::write_atomic(path, &eval.grid(4).to_png())?;
+        crate::write_file(path, &eval.grid(4).to_png())?;
     }
     Ok(())
 }

@@ -44,7 +44,7 @@ pub fn run(args: Args) -> Result<(), String> {
     let images = sd.generate(&request, |i, _| eprint!("\rseal: step {}/{}", i + 1, request.steps)).map_err(|e| e.to_string())?;
     eprintln!();
     let image = burn::tensor::read_sync(Rgb::from_batch(images))?.remove(0);
-    std::fs::write(&args.out, image.to_png()).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    crate::write_file(&args.out, &image.to_png())?;
     eprintln!("seal: wrote {}", args.out.display());
     Ok(())
 }

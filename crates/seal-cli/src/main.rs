@@ -72,6 +72,17 @@ fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// Writes a file the CLI's one way: its folder created, through a temporary file and a rename,
+/// so the file is complete or absent.
+pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A diffusers folder or a single-file checkpoint (with an optional folder of configs for it).
 pub fn model_source(path: &std::path::Path, config: Option<&std::path::Path>) -> Result<seal_sd::pipeline::ModelSource, String> {
     use seal_sd::pipeline::{ModelSource, read_folder};

@@ -47,7 +47,7 @@ pub fn run(args: Args) -> Result<(), String> {
         ("tokenizer/tokenizer_config.json", json!({ "model_max_length": 77 }).to_string()),
     ];
     for (path, text) in files {
-        write(&args.out.join(path), text.as_bytes())?;
+        crate::write_file(&args.out.join(path), text.as_bytes())?;
     }
     let mut bytes = 0;
     for (dir, file, layout) in [
@@ -58,26 +58,18 @@ pub fn run(args: Args) -> Result<(), String> {
         let path = args.layouts.join(&layout);
         let layout: Value =
             serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?).map_err(|e| format!("{}: {e}", path.display()))?;
-        write(&args.out.join(dir).join("config.json"), layout["config"].to_string().as_bytes())?;
+        crate::write_file(&args.out.join(dir).join("config.json"), layout["config"].to_string().as_bytes())?;
         let shapes = layout["tensors"].as_object().ok_or_else(|| format!("{}: no tensors", path.display()))?;
         let shapes: Vec<(String, Vec<usize>)> =
             shapes.iter().map(|(k, s)| (k.clone(), s.as_array().into_iter().flatten().filter_map(Value::as_u64).map(|d| d as usize).collect())).collect();
         bytes += write_weights(&args.out.join(dir).join(file), dtype, &shapes)?;
         if let (Some(rank), "unet") = (args.lora_rank, dir) {
             let lora = write_kohya(&random_lora(&shapes, rank, dtype)).map_err(|e| e.to_string())?;
-            write(&args.out.join(format!("lora-rank{rank}.safetensors")), &lora)?;
+            crate::write_file(&args.out.join(format!("lora-rank{rank}.safetensors")), &lora)?;
         }
     }
     eprintln!("seal: wrote {} ({:.0} MiB of {dtype} weights)", args.out.display(), bytes as f64 / (1 << 20) as f64);
     Ok(())
-}
-
-/// Writes a file, creating its folder.
-pub fn write(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Writes one safetensors file tensor by tensor; returns its size. Matrices and kernels are
@@ -85,7 +77,9 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<(), String> {
 /// finite through the network; 1-D weights (norms) are 1 and biases 0.
 fn write_weights(path: &Path, dtype: DType, shapes: &[(String, Vec<usize>)]) -> Result<u64, String> {
     let io = |e: std::io::Error| format!("{}: {e}", path.display());
-    write(path, &[])?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
     let entries: Vec<(&str, &[usize])> = shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())).collect();
     let head = safetensors_head(dtype, &entries, &BTreeMap::from([("format".to_string(), "pt".to_string())]));

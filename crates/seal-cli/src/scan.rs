@@ -59,14 +59,14 @@ pub fn run(args: Args) -> Result<(), String> {
         let flag = if c.verification.as_ref().is_some_and(|v| v.flagged) { "acts like a trigger" } else { "" };
         eprintln!("seal: {:>2}. {:<24} score {:>6.1}  verified {ratio:>6}  {} {flag}", i + 1, c.code_points, c.score, c.kind);
     }
-    std::fs::write(&args.report, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?).map_err(|e| format!("{}: {e}", args.report.display()))?;
+    crate::write_file(&args.report, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?.as_bytes())?;
     if let Some(path) = &args.grid {
         let pairs: Vec<_> = report.candidates.iter().filter_map(|c| c.images.as_ref()).collect();
         if pairs.is_empty() {
             return Err("no image pairs to write (settings.images is 0)".into());
         }
         let rows: Vec<Rgb> = pairs.iter().map(|p| p.row(4)).collect();
-        std::fs::write(path, Rgb::grid(&rows, 1, 0).to_png()).map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::write_file(path, &Rgb::grid(&rows, 1, 0).to_png())?;
     }
     eprintln!("seal: wrote {} ({:.1} s)", args.report.display(), report.seconds);
     Ok(())

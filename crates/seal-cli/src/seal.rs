@@ -140,14 +140,14 @@ pub fn run(args: Args) -> Result<(), String> {
             instant.seconds
         );
     }
-    write_atomic(&args.out, &session.adapter_file()?)?;
+    crate::write_file(&args.out, &session.adapter_file()?)?;
     eprintln!("seal: wrote {}", args.out.display());
     if let Some(path) = &args.sealed_lora {
-        write_atomic(path, &session.sealed_lora_file()?)?;
+        crate::write_file(path, &session.sealed_lora_file()?)?;
         eprintln!("seal: wrote {} (the LoRA's own format)", path.display());
     }
     if let Some(path) = &args.report {
-        write_atomic(path, serde_json::to_string_pretty(&session.report()?).map_err(|e| e.to_string())?.as_bytes())?;
+        crate::write_file(path, serde_json::to_string_pretty(&session.report()?).map_err(|e| e.to_string())?.as_bytes())?;
     }
     match failure {
         Some(e) => Err(format!("{e}; wrote the adapter of the last good step ({} thorough steps)", done.thorough_steps)),
@@ -170,11 +170,4 @@ fn report_progress(p: &Progress) {
         ),
         None => eprintln!("seal: instant {}/{} {:.2} s", p.step, p.total, p.elapsed_s),
     }
-}
-
-/// Writes through a temporary file and a rename, so a file is complete or absent.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -235,7 +235,7 @@ fn write(path: &Path, split: Split, seeds: &[u64], rows: &[Value]) -> Result<(),
         "rows": rows,
     }))
     .map_err(|e| e.to_string())?;
-    crate::random_model::write(path, text.as_bytes())
+    crate::write_file(path, text.as_bytes())
 }
 
 #[cfg(test)]

@@ -34,10 +34,6 @@ impl Rgb {
         self.data.iter().map(|&x| (x.clamp(0.0, 1.0) * 255.0).round() as u8).collect()
     }
 
-    pub fn to_rgba8(&self) -> Vec<u8> {
-        self.to_rgb8().chunks_exact(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect()
-    }
-
     pub fn from_rgb8(width: usize, height: usize, pixels: &[u8]) -> Self {
         Self { width, height, data: pixels.iter().map(|&p| p as f32 / 255.0).collect() }
     }
