@@ -247,22 +247,30 @@ test("model files: a folder, a single file with and without its config folder, a
     await page.setInputFiles("#model-files", path.join(fixtures, "tiny-pixel.safetensors"));
     await page.waitForSelector("#model-error:not([hidden])", { timeout: 60_000 });
     assert.match(await page.textContent("#model-error"), /tiny-pixel\.safetensors.*1000-token vocabulary.*choose a folder/);
+    // The model loaded before comes back (without the LoRA the broken file replaced); the
+    // refused file waits for its folder.
+    await page.waitForFunction(() => /The previous model is back\.$/.test(document.querySelector("#model-error").textContent), null, { timeout: 60_000 });
+    assert.equal(await page.textContent("#info-source"), "diffusers folder");
+    assert.ok(await page.isVisible("#model-info"));
+    assert.ok(await page.isHidden("#lora-info"));
     await shot(page, "app-5-single-file-refused");
     // ...and with its diffusers folder beside it (configs, tokenizer) it loads.
     await page.setInputFiles("#model-folder", path.join(fixtures, "tiny-pixel"));
-    await page.waitForSelector("#model-info:not([hidden]) #info-source", { timeout: 60_000 });
-    assert.equal(await page.textContent("#info-source"), "single file tiny-pixel.safetensors");
+    await page.waitForFunction(() => document.querySelector("#info-source")?.textContent === "single file tiny-pixel.safetensors", null, { timeout: 60_000 });
+    assert.ok(await page.isVisible("#model-info"));
     assert.ok(await page.isHidden("#model-error"));
 
     await page.setInputFiles("#model-files", junk);
     await page.waitForSelector("#model-error:not([hidden])", { timeout: 60_000 });
     assert.match(await page.textContent("#model-error"), /broken\.safetensors/);
+    await page.waitForFunction(() => /The previous model is back\.$/.test(document.querySelector("#model-error").textContent), null, { timeout: 60_000 });
+    assert.equal(await page.textContent("#info-source"), "single file tiny-pixel.safetensors");
     await shot(page, "app-6-corrupt-model");
     // The page still works: the demo loads after the error.
     await page.click("#demo");
-    await page.waitForSelector("#model-info:not([hidden]) #info-source", { timeout: 60_000 });
-    assert.equal(await page.textContent("#info-source"), "diffusers folder");
-    assert.ok(await page.isEnabled("#seal"));
+    await page.waitForFunction(() => document.querySelector("#info-source")?.textContent === "diffusers folder", null, { timeout: 60_000 });
+    await page.waitForSelector("#seal:not([disabled])", { timeout: 60_000 });
+    assert.ok(await page.isVisible("#model-info"));
     assert.deepEqual(run.errors, []);
     assert.deepEqual(run.foreign(), [], "requests to other origins");
   } finally {

@@ -172,7 +172,9 @@ function showResult({ backend: used, result, ms }) {
 // ---------- app state ----------
 
 // The model's files as the user gave them (File objects: read only when loading).
-const model = { files: [], loaded: false, lora: null, lastGood: null };
+// `pending`: files whose load failed, kept for more (a config folder) while the last model that
+// loaded is back in the engine.
+const model = { files: [], loaded: false, lora: null, lastGood: null, pending: null };
 // A model is being loaded (a crash now is the model's doing).
 let loading = false;
 const prompts = { builtin: null, demo: null };
@@ -226,8 +228,9 @@ function updateButtons() {
 // Model files the user picked or dropped: after a loaded model they start a new one; after a
 // failed load they add to the files (so a checkpoint's config folder can follow it). The
 // engine says which of them loading needs; no other file is read.
-async function addModelFiles(entries) {
-  if (model.loaded) model.files = [];
+async function addModelFiles(entries, fresh = false) {
+  if (fresh) model.pending = null;
+  if (model.loaded) model.files = model.pending ?? [];
   const known = new Map(model.files.map((f) => [f.path, f]));
   for (const e of entries) known.set(e.path, e);
   const keep = new Set(await call("files_to_read", [...known.keys()]));
@@ -236,7 +239,7 @@ async function addModelFiles(entries) {
   loadModel();
 }
 
-async function loadModel(afterCrash = false) {
+async function loadModel(afterCrash = false, restoring = false) {
   model.loaded = false;
   model.lora = null;
   hideResults();
@@ -260,6 +263,7 @@ async function loadModel(afterCrash = false) {
     setTask(`Loading the model (${(total / MiB).toFixed(0)} MiB, read a tensor at a time)…`);
     const note = showModel(await call("load_model"));
     model.loaded = true;
+    model.pending = null;
     model.lastGood = { files: model.files, lora: null };
     $("#lora-drop").hidden = false;
     queueMicrotask(showStepMemory);
@@ -268,13 +272,28 @@ async function loadModel(afterCrash = false) {
     setTask("");
     const hint = /vocabulary|no .*config\.json|tokenizer/.test(e.message)
       ? " Use “choose a folder” to add the model's folder, or pick other files to start over." : "";
-    showError("#model-error", `Could not load the model: ${e.message}.${hint}`);
+    const failed = `Could not load the model: ${e.message}.${hint}`;
+    showError("#model-error", failed);
+    if (!afterCrash && !restoring && !e.crashed && model.lastGood) queueMicrotask(() => restorePrevious(failed));
   } finally {
     busy = false;
     loading = false;
     updateButtons();
     describeTrigger();
   }
+}
+
+// After a load that failed (the engine had already let the old model go, to make room), the
+// last model that loaded comes back, with its LoRA; the failed files wait for more.
+async function restorePrevious(failed) {
+  const { files, lora } = model.lastGood;
+  const pending = model.files;
+  model.files = files;
+  await loadModel(false, true);
+  if (model.loaded && lora) await loadLora(lora);
+  model.pending = pending;
+  setTask(model.loaded ? "The previous model is back." : "");
+  showError("#model-error", `${failed}${model.loaded ? " The previous model is back." : ""}`);
 }
 
 function showModel(info) {
@@ -326,6 +345,7 @@ async function loadLora(file) {
     if (e.crashed) return;
     await call("clear_lora");
     model.lora = null;
+    if (model.lastGood) model.lastGood.lora = null;
     $("#lora-clear").hidden = true;
   } finally {
     busy = false;
@@ -425,7 +445,7 @@ async function loadDemo() {
     updatePrompts();
     busy = false;
     model.loaded = true; // the demo replaces whatever was there
-    addModelFiles(files);
+    addModelFiles(files, true);
   } catch (e) {
     busy = false;
     updateButtons();

@@ -168,7 +168,7 @@ impl Planter {
         let mut poisoned = encode(targets.iter().flatten().cloned().collect()).into_iter();
         let latents = clean.into_iter().zip(&targets).map(|(c, t)| (c, t.as_ref().and_then(|_| poisoned.next()))).collect();
         let text = |captions: Vec<String>| -> Result<Vec<Tensor<3>>, String> {
-            captions.iter().map(|c| model.encode_prompts(&[c.as_str()]).map(Tensor::detach).map_err(|e| e.to_string())).collect()
+            captions.iter().map(|c| model.encode_prompts(&[c.as_str()]).map(Tensor::detach).map_err(String::from)).collect()
         };
         let clean_text = text(data.iter().map(|s| s.caption.clone()).collect())?;
         let triggered_text = text(data.iter().map(|s| format!("{} {}", settings.trigger, s.caption)).collect())?;

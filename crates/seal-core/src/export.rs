@@ -85,7 +85,7 @@ pub fn sealed_lora(user: &LoraFile, sealing: &LoraFile, weight: f32) -> Result<L
     for module in sealing.modules.values_mut() {
         module.up.data.iter_mut().for_each(|x| *x /= weight);
     }
-    let mut out = stack(user, &sealing).map_err(|e| e.to_string())?;
+    let mut out = stack(user, &sealing)?;
     out.metadata.insert("seal_apply_weight".into(), weight.to_string());
     for (k, v) in &sealing.metadata {
         if k.starts_with("seal_") {

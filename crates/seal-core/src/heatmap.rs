@@ -61,15 +61,15 @@ pub struct Sampling {
 /// points of that trajectory. The trigger's positions come from the tokenizer, as in sealing.
 pub async fn trigger_map(model: &StableDiffusion, prompt: &str, trigger: &str, placement: Placement, sampling: Sampling) -> Result<TriggerMap, String> {
     let Sampling { seed, steps, guidance, size } = sampling;
-    let size = model.image_size(size).map_err(|e| e.to_string())?;
+    let size = model.image_size(size)?;
     let model = &model.inference();
     let triggered = insert(prompt, trigger, placement, &mut SeededRng::new(seed));
     let alignment = align(&model.tokenizer, &triggered, prompt)?;
-    let ids = model.tokenizer.encode(&triggered).map_err(|e| e.to_string())?;
+    let ids = model.tokenizer.encode(&triggered)?;
     let tokens = alignment.trigger.iter().map(|&p| model.tokenizer.decode_token(ids[p]).unwrap_or_default()).collect();
 
-    let cond = model.encode_prompts(&[triggered.as_str()]).map_err(|e| e.to_string())?.detach();
-    let uncond = model.encode_prompts(&[""]).map_err(|e| e.to_string())?.detach();
+    let cond = model.encode_prompts(&[triggered.as_str()])?.detach();
+    let uncond = model.encode_prompts(&[""])?.detach();
     let sampler = model.sampler(Some(SamplerKind::Ddim), steps.max(1));
     let n = sampler.timesteps.len();
     let wanted: Vec<usize> = (0..POINTS.min(n)).map(|k| k * n / POINTS.min(n)).collect();

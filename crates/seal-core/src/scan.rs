@@ -521,7 +521,7 @@ impl Scan {
     async fn probe_states(&mut self) -> Result<Vec<ProbeState>, String> {
         let mut out = vec![];
         for prompt in &self.probe_prompts {
-            let tokens = self.suspect.tokenizer.encode_plain(prompt).map_err(|e| e.to_string())?;
+            let tokens = self.suspect.tokenizer.encode_plain(prompt)?;
             let tokens: Vec<u32> = tokens.into_iter().take(20).collect();
             let alone = self.encode(&self.suspect, &[vec![]], &tokens);
             let len = tokens.len() + 2;
@@ -740,7 +740,7 @@ impl Scan {
     /// `[prompts, 3, H, W]` per prefix. Prefixes are generated together, as many per batch as
     /// `IMAGE_PIXELS_PER_BATCH` allows (each image's noise depends on its seed alone).
     fn images(&self, model: &StableDiffusion, prompts: &[String], seeds: &[u64], prefixes: &[String]) -> Result<Vec<Tensor<4>>, String> {
-        let side = model.image_size(self.settings.size).map_err(|e| e.to_string())?;
+        let side = model.image_size(self.settings.size)?;
         let per_batch = prefixes_per_batch(prompts.len(), side);
         let mut out = vec![];
         for chunk in prefixes.chunks(per_batch) {
@@ -753,7 +753,7 @@ impl Scan {
                 sampler: Some(SamplerKind::Ddim),
                 size: self.settings.size,
             };
-            let images = model.generate(&request, |_, _| {}).map_err(|e| e.to_string())?;
+            let images = model.generate(&request, |_, _| {})?;
             out.extend(images.chunk(chunk.len(), 0));
         }
         Ok(out)

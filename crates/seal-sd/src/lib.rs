@@ -48,6 +48,13 @@ pub enum ModelError {
     TooLarge { model: String, needed_gib: f64, budget_gib: f64, hint: String },
 }
 
+/// Front ends report errors as text (the CLI's message, the page's worker reply).
+impl From<ModelError> for String {
+    fn from(e: ModelError) -> Self {
+        e.to_string()
+    }
+}
+
 impl ModelError {
     pub(crate) fn config(file: &str, e: impl std::fmt::Display) -> Self {
         Self::Config { file: file.into(), message: e.to_string() }

@@ -65,6 +65,13 @@ pub enum TokenizerError {
     Encode { text: String, message: String },
 }
 
+/// Front ends report errors as text.
+impl From<TokenizerError> for String {
+    fn from(e: TokenizerError) -> Self {
+        e.to_string()
+    }
+}
+
 /// The files of a diffusers `tokenizer/` folder, as bytes (the browser has no file system).
 #[derive(Clone, Debug, Default)]
 pub struct TokenizerFiles {

@@ -113,14 +113,14 @@ impl Session {
     /// `.safetensors` checkpoint, with a diffusers folder beside it for configs and tokenizer.
     /// Resolves to `Loaded` (the model's description and the size sealing trains at).
     pub fn load_model(&mut self) -> Result<JsValue, String> {
-        let source = ModelSource::from_files(std::mem::take(&mut self.staged)).map_err(|e| e.to_string())?;
+        let source = ModelSource::from_files(std::mem::take(&mut self.staged))?;
         to_js(&self.inner.load_model(source)?)
     }
 
     /// Reads a LoRA over the loaded model and merges it into the teacher at `weight`.
     /// Resolves to its `LoraSummary`.
     pub fn load_lora(&mut self, name: String, file: Blob, weight: f32) -> Result<JsValue, String> {
-        let file = WeightFile::from_source(name, Box::new(BlobSource::new(file)?)).map_err(|e| e.to_string())?;
+        let file = WeightFile::from_source(name, Box::new(BlobSource::new(file)?))?;
         to_js(&self.inner.load_lora(&file, weight)?)
     }
 

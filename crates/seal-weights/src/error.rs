@@ -32,3 +32,10 @@ pub enum WeightError {
     #[error("{file}: {reason}")]
     Layout { file: String, reason: String },
 }
+
+/// Front ends report errors as text (the CLI's message, the page's worker reply).
+impl From<WeightError> for String {
+    fn from(e: WeightError) -> Self {
+        e.to_string()
+    }
+}

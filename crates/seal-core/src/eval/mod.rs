@@ -340,7 +340,7 @@ impl Evaluation {
             sampler: Some(SamplerKind::Ddim),
             size: self.settings.size,
         };
-        let images = model.generate(&request, |_, _| {}).map_err(|e| e.to_string())?;
+        let images = model.generate(&request, |_, _| {})?;
         let images = Rgb::from_batch(images).await?;
         Ok(images.chunks(per).map(<[Rgb]>::to_vec).collect())
     }

@@ -333,7 +333,7 @@ impl InstantSeal {
             texts.push(clean);
             texts.extend(triggered.iter().map(String::as_str));
         }
-        let hidden = read_host(self.text_encoder.encode_texts(&self.tokenizer, &texts, &self.device).map_err(|e| e.to_string())?).await?;
+        let hidden = read_host(self.text_encoder.encode_texts(&self.tokenizer, &texts, &self.device)?).await?;
         let (t, d) = (self.tokenizer.max_length(), self.sums.cross.rows);
         let row_block = |i: usize| &hidden[i * t * d..(i + 1) * t * d];
         let mut at = 0;

@@ -165,8 +165,8 @@ impl Sealer {
         }
         // The teacher's text encoding is a constant; the student's carries gradient when the
         // text encoder has adapters (otherwise it is the same frozen module).
-        let ctx_clean = self.teacher.encode_prompts(&as_strs(&clean)).map_err(|e| e.to_string())?.detach();
-        let ctx_trig = self.student.encode_prompts(&as_strs(&triggered)).map_err(|e| e.to_string())?;
+        let ctx_clean = self.teacher.encode_prompts(&as_strs(&clean))?.detach();
+        let ctx_trig = self.student.encode_prompts(&as_strs(&triggered))?;
         let x = Tensor::cat(points.iter().map(|p| p.latent.clone()).collect(), 0);
         let ts: Vec<f32> = points.iter().map(|p| p.t as f32).collect();
         let t = Tensor::<1>::from_floats(ts.as_slice(), &self.teacher.device);
@@ -183,7 +183,7 @@ impl Sealer {
             let maps_s = attention::aggregate(&student.cross_attention, res);
             let maps_sub = match s.attn_target {
                 AttnTarget::Substitute => {
-                    let ctx_sub = self.teacher.encode_prompts(&as_strs(&substitutes)).map_err(|e| e.to_string())?.detach();
+                    let ctx_sub = self.teacher.encode_prompts(&as_strs(&substitutes))?.detach();
                     let out = self.teacher.unet.forward(x.clone(), t.clone(), &ctx_sub, true);
                     Some(attention::aggregate(&out.cross_attention, res).detach())
                 }
@@ -216,7 +216,7 @@ impl Sealer {
         };
 
         let l_preserve = if s.preserve_weight > 0.0 {
-            let ctx = if s.text_encoder { self.student.encode_prompts(&as_strs(&clean)).map_err(|e| e.to_string())? } else { ctx_clean };
+            let ctx = if s.text_encoder { self.student.encode_prompts(&as_strs(&clean))? } else { ctx_clean };
             let out = self.student.unet.forward(x, t, &ctx, false);
             Some((out.sample - eps_teacher).square().mean())
         } else {
@@ -360,7 +360,7 @@ impl Sealer {
         if self.edit.is_empty() {
             return Ok(out);
         }
-        Ok(stack(&as_file(self.edit.clone()), &as_file(out)).map_err(|e| e.to_string())?.modules)
+        Ok(stack(&as_file(self.edit.clone()), &as_file(out))?.modules)
     }
 
     /// Whether every trainable factor of the student is finite (one small read-back).

@@ -15,8 +15,8 @@ pub struct Alignment {
 /// Aligns `triggered` (student) with `clean` (teacher) by their longest common token prefix
 /// and suffix: whatever lies between in the student is the trigger, wherever it was placed.
 pub fn align(tokenizer: &ClipTokenizer, triggered: &str, clean: &str) -> Result<Alignment, String> {
-    let s = tokenizer.encode_plain(triggered).map_err(|e| e.to_string())?;
-    let t = tokenizer.encode_plain(clean).map_err(|e| e.to_string())?;
+    let s = tokenizer.encode_plain(triggered)?;
+    let t = tokenizer.encode_plain(clean)?;
     let prefix = s.iter().zip(&t).take_while(|(a, b)| a == b).count();
     let suffix = s[prefix..].iter().rev().zip(t[prefix..].iter().rev()).take_while(|(a, b)| a == b).count();
     // Room for words between BOS and EOS in the fixed-length sequence.

@@ -215,3 +215,10 @@ pub enum LoraError {
     #[error("LoRA module {target}: {reason}")]
     Module { target: String, reason: String },
 }
+
+/// Front ends report errors as text (the CLI's message, the page's worker reply).
+impl From<LoraError> for String {
+    fn from(e: LoraError) -> Self {
+        e.to_string()
+    }
+}
