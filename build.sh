@@ -3,7 +3,7 @@
 #   ./build.sh serve   build the page and serve it on http://127.0.0.1:${PORT:-8080}/
 #   ./build.sh wasm    build the page's wasm module into dist/
 #   ./build.sh test    install what is missing, then run every test (native and in headless Chromium)
-#   ./build.sh bench   time models, generation and sealing on the CPU backend -> bench-results/bench.json, real-size.json
+#   ./build.sh bench   time models, generation and sealing on the CPU backend -> bench-results/bench.json, real-size*.json
 #   ./build.sh ablate  judge the seal's recipes on the validation suite -> bench-results/ablation-suite.json
 # Builds and tools are cached outside the clone, in ${SEAL_CACHE:-~/.cache/seal}.
 set -euo pipefail
@@ -129,6 +129,8 @@ cmd_bench() {
   "$CARGO_TARGET_DIR/release/seal" bench --fixtures ../shared/fixtures --out bench-results/bench.json
   "$CARGO_TARGET_DIR/release/seal" bench --fixtures ../shared/fixtures --real-size bk_sdm_tiny --batches 1,4 --sides 128,256 \
     --out bench-results/real-size.json
+  "$CARGO_TARGET_DIR/release/seal" bench --fixtures ../shared/fixtures --real-size bk_sdm_small,sd15 --batches 1 --sides 128,256 \
+    --out bench-results/real-size-sd.json
 }
 
 # The seal's recipes on the validation suite (planted models made once into $SEAL_CACHE/suite).
