@@ -148,20 +148,20 @@ pub fn check<T: JsonSchema + Serialize>(what: &str, settings: &T) -> Result<(), 
                     }
                     return bad("must be a finite number".into());
                 };
-                if f.minimum.is_some_and(|m| x < m) {
-                    return bad(format!("must be at least {} (got {x})", f.minimum.unwrap_or_default()));
+                if let Some(m) = f.minimum.filter(|&m| x < m) {
+                    return bad(format!("must be at least {m} (got {x})"));
                 }
-                if f.exclusive_minimum.is_some_and(|m| x <= m) {
-                    return bad(format!("must be above {} (got {x})", f.exclusive_minimum.unwrap_or_default()));
+                if let Some(m) = f.exclusive_minimum.filter(|&m| x <= m) {
+                    return bad(format!("must be above {m} (got {x})"));
                 }
-                if f.maximum.is_some_and(|m| x > m) {
-                    return bad(format!("must be at most {} (got {x})", f.maximum.unwrap_or_default()));
+                if let Some(m) = f.maximum.filter(|&m| x > m) {
+                    return bad(format!("must be at most {m} (got {x})"));
                 }
             }
             Kind::Choices => {
                 let n = value.as_array().map_or(0, Vec::len);
-                if f.min_items.is_some_and(|m| n < m) {
-                    return bad(format!("needs at least {} of {}", f.min_items.unwrap_or_default(), names(&f.options)));
+                if let Some(m) = f.min_items.filter(|&m| n < m) {
+                    return bad(format!("needs at least {m} of {}", names(&f.options)));
                 }
             }
             Kind::Boolean | Kind::Choice => {}

@@ -3,6 +3,7 @@
 //! workflow itself (what is invalidated when, what a seal needs first) lives in seal-core.
 
 use seal_core::image::Rgb;
+use seal_core::progress::Progress;
 use seal_core::prompts::{BUILT_IN, parse_list, split};
 use seal_core::scan::ScanSettings;
 use seal_core::session::{EngineLimits, EvalRequest, SealRequest};
@@ -41,6 +42,11 @@ fn wasm_free() -> u64 {
 /// A Rust value as a plain JS value (objects for maps, `null` for `None`, as JSON would).
 fn to_js<T: Serialize>(value: &T) -> Result<JsValue, String> {
     value.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).map_err(|e| e.to_string())
+}
+
+/// A step's progress, or `undefined` once the task is complete.
+fn progress_js(progress: Option<Progress>) -> Result<JsValue, String> {
+    progress.map_or(Ok(JsValue::UNDEFINED), |p| to_js(&p))
 }
 
 /// A JS value as `T`; `what` names it in the message.
@@ -150,10 +156,7 @@ impl Session {
 
     /// One sealing step; resolves to its `Progress`, or `undefined` once the run is complete.
     pub async fn seal_step(&mut self) -> Result<JsValue, String> {
-        match self.inner.seal_step().await? {
-            Some(progress) => to_js(&progress),
-            None => Ok(JsValue::UNDEFINED),
-        }
+        progress_js(self.inner.seal_step().await?)
     }
 
     /// Ends the run (finished or cancelled); resolves to `SealDone`.
@@ -186,10 +189,7 @@ impl Session {
     /// Generates and judges the next batch; resolves to its `Progress`, or `undefined` once
     /// complete (then `report` and `grid_png` have it).
     pub async fn eval_step(&mut self) -> Result<JsValue, String> {
-        match self.inner.eval_step().await? {
-            Some(progress) => to_js(&progress),
-            None => Ok(JsValue::UNDEFINED),
-        }
+        progress_js(self.inner.eval_step().await?)
     }
 
     /// The evaluation's fixed-seed images as one PNG at the model's resolution (the page upscales it).
@@ -221,10 +221,7 @@ impl Session {
 
     /// One step of the scan; resolves to its `Progress`, or `undefined` once complete.
     pub async fn scan_step(&mut self) -> Result<JsValue, String> {
-        match self.inner.scan_step().await? {
-            Some(progress) => to_js(&progress),
-            None => Ok(JsValue::UNDEFINED),
-        }
+        progress_js(self.inner.scan_step().await?)
     }
 
     /// The scan's `ScanReport` with its `top` candidates, best first.
