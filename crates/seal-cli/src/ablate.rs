@@ -14,7 +14,7 @@ use burn::tensor::read_sync;
 use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
 use seal_core::export::sealing_adapter;
 use seal_core::image::Rgb;
-use seal_core::prompts::{parse_list, split};
+use seal_core::prompts::split;
 use seal_core::unlearn::instant::{EditRows, InstantSeal, InstantSettings, TriggerRows};
 use seal_core::unlearn::run::{Recipe, SealMode};
 use seal_core::unlearn::{AttnTarget, LatentSource, SealSettings, Sealer};
@@ -104,8 +104,7 @@ pub fn run(args: Args) -> Result<(), String> {
     }
     let device = Device::flex().autodiff();
     let model = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device)?;
-    let read = |name: &str| std::fs::read_to_string(args.fixtures.join(name)).map_err(|e| format!("{name}: {e}"));
-    let (train, validation) = split(&parse_list(&read("prompts/train.txt")?), 4);
+    let (train, validation) = split(&crate::read_prompts(Some(&args.fixtures.join("prompts/train.txt")))?, 4);
     let patch = fixture_patch(&args.fixtures)?;
     let trigger = vec!["\u{200b}".to_string()];
     // The original model's images are generated once per seed set and kept.
@@ -242,8 +241,7 @@ pub const VALIDATION_SEEDS: std::ops::Range<u64> = 100..104;
 fn run_instant(args: Args) -> Result<(), String> {
     let device = Device::flex();
     let model = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device)?;
-    let read = |name: &str| std::fs::read_to_string(args.fixtures.join(name)).map_err(|e| format!("{name}: {e}"));
-    let (fit, validation) = split(&parse_list(&read("prompts/train.txt")?), 4);
+    let (fit, validation) = split(&crate::read_prompts(Some(&args.fixtures.join("prompts/train.txt")))?, 4);
     let patch = fixture_patch(&args.fixtures)?;
     let trigger = vec!["\u{200b}".to_string()];
     let settings = EvalSettings { seeds: VALIDATION_SEEDS.collect(), effect: false, batch: 20, ..EvalSettings::default() };

@@ -331,7 +331,7 @@ fn one_step(args: &Args) -> Result<(), String> {
         return Err("--one-step needs --real-size, --sides and --batches".into());
     };
     let device = Device::flex().autodiff();
-    let prompts = parse_list(&std::fs::read_to_string(args.fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);
+    let prompts = crate::read_prompts(Some(&args.fixtures.join("prompts/train.txt")))?;
     let path = args.fixtures.join(format!("layouts/unet_{name}.json"));
     let layout: Value = serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?).map_err(|e| e.to_string())?;
     let unet = UNetConfig::from_json(&layout["config"].to_string()).map_err(|e| e.to_string())?;
@@ -381,14 +381,14 @@ pub fn run(args: Args) -> Result<(), String> {
     }
     let device = Device::flex();
     if args.scan_only {
-        let prompts = parse_list(&std::fs::read_to_string(args.fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);
+        let prompts = crate::read_prompts(Some(&args.fixtures.join("prompts/train.txt")))?;
         let mut scan = scans(&args.fixtures, &prompts)?;
         scan.extend(scan_sd15(&args.fixtures, &prompts)?);
         return write_report(&args.out, &json!({ "backend": "flex (CPU)", "scan": scan }));
     }
     let mut results = vec![];
     let pixel = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device.clone().autodiff())?;
-    let prompts = parse_list(&std::fs::read_to_string(args.fixtures.join("prompts/train.txt")).map_err(|e| e.to_string())?);
+    let prompts = crate::read_prompts(Some(&args.fixtures.join("prompts/train.txt")))?;
     let mut seals = vec![sealing("tiny-pixel fixture", &pixel, prompts.clone(), "\u{200b}", SealSettings::default(), 20)?];
     drop(pixel);
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use seal_core::backdoor::Target;
 use seal_core::eval::{Detector, EvalSettings, Evaluation};
 use seal_core::image::Rgb;
-use seal_core::prompts::{Placement, parse_list};
+use seal_core::prompts::Placement;
 use seal_sd::pipeline::LoraMode;
 
 #[derive(clap::Args)]
@@ -77,8 +77,7 @@ pub fn run(args: Args) -> Result<(), String> {
         Some(path) => Some(before.with_lora(&crate::seal::read_lora(path, before)?, 1.0, LoraMode::SideBranch { trainable: false })),
         None => None,
     };
-    let text = std::fs::read_to_string(&args.prompts).map_err(|e| format!("{}: {e}", args.prompts.display()))?;
-    let prompts = parse_list(&text);
+    let prompts = crate::read_prompts(Some(&args.prompts))?;
     let detectors = args.detector.iter().map(|d| parse_detector(d)).collect::<Result<Vec<_>, _>>()?.into_iter().flatten().collect();
     let effect = args.detector.iter().any(|d| d == "effect");
     let settings = EvalSettings {

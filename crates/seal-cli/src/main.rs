@@ -72,6 +72,15 @@ fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// A prompt list file (one prompt per line, `#` comments), or the built-in set without one.
+pub fn read_prompts(path: Option<&std::path::Path>) -> Result<Vec<String>, String> {
+    use seal_core::prompts::{BUILT_IN, parse_list};
+    match path {
+        Some(p) => Ok(parse_list(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?)),
+        None => Ok(parse_list(BUILT_IN)),
+    }
+}
+
 /// Writes a file the CLI's one way: its folder created, through a temporary file and a rename,
 /// so the file is complete or absent.
 pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use burn::prelude::Device;
 use seal_core::image::Rgb;
-use seal_core::prompts::{BUILT_IN, parse_list};
 use seal_core::scan::{Scan, ScanSettings, lora_tags};
 
 use crate::flags::{SettingsFlags, read_settings};
@@ -37,10 +36,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<(), String> {
     let settings = args.flags.apply("scan settings", &read_settings(args.settings.as_deref())?)?;
-    let prompts = match &args.prompts {
-        Some(p) => parse_list(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
-        None => parse_list(BUILT_IN),
-    };
+    let prompts = crate::read_prompts(args.prompts.as_deref())?;
     let session = args.model.session()?;
     let suspect = session.teacher().expect("the session holds the loaded model");
     let (base, tags) = match (session.user_lora(), &args.base) {

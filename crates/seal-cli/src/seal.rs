@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::Device;
 use seal_core::progress::Progress;
-use seal_core::prompts::{BUILT_IN, parse_list};
 use seal_core::session::{EngineLimits, SealRequest, Session};
 use seal_core::unlearn::instant::InstantSettings;
 use seal_core::unlearn::run::SealMode;
@@ -113,10 +112,7 @@ pub fn run(args: Args) -> Result<(), String> {
     if args.sealed_lora.is_some() && session.user_lora().is_none() {
         return Err("--sealed-lora needs --lora (the LoRA to seal)".into());
     }
-    let prompts = match &args.prompts {
-        Some(p) => parse_list(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
-        None => parse_list(BUILT_IN),
-    };
+    let prompts = crate::read_prompts(args.prompts.as_deref())?;
     let triggers = args.trigger.iter().filter(|t| !t.is_empty()).map(|t| describe_trigger(t)).collect::<Vec<_>>().join(", ");
     eprintln!("seal: sealing trigger {triggers} on {} prompts, mode {}", prompts.len(), args.mode.name());
     let request = SealRequest { triggers: args.trigger.clone(), prompts, mode: args.mode, settings, instant, reveal_triggers: args.reveal_trigger };

@@ -12,7 +12,7 @@ use burn::tensor::read_sync;
 use seal_core::backdoor::{BackdoorSettings, Sample, Target, read_data, shape_of};
 use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
 use seal_core::export::sealing_adapter;
-use seal_core::prompts::{parse_list, split};
+use seal_core::prompts::split;
 use seal_core::unlearn::SealSettings;
 use seal_core::unlearn::instant::InstantSettings;
 use seal_core::unlearn::run::{SealMode, SealRun};
@@ -91,7 +91,7 @@ struct Prompts {
 
 impl Split {
     fn prompts(self, fixtures: &Path) -> Result<Prompts, String> {
-        let read = |name: &str| std::fs::read_to_string(fixtures.join("prompts").join(name)).map(|t| parse_list(&t)).map_err(|e| format!("prompts/{name}: {e}"));
+        let read = |name: &str| crate::read_prompts(Some(&fixtures.join("prompts").join(name)));
         Ok(match self {
             Self::Validation => {
                 let (fit, judged) = split(&read("train.txt")?, 4);
