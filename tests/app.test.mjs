@@ -3,10 +3,10 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { cpSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { cpSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { artifacts, fixtures, openPage, startServer } from "./browser.mjs";
+import { artifacts, clickEnd, downloadOf, fixtures, openPage, safetensorsHeader, startServer } from "./browser.mjs";
 
 let server;
 let origin;
@@ -15,22 +15,6 @@ before(async () => ({ server, origin } = await startServer()));
 after(() => server?.kill());
 
 const shot = (page, name) => page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
-
-// Clicks a button at the end of the page. Playwright's click after a full-page screenshot of a
-// tall page can land outside the button (seen with Chromium 156), so the button is clicked by script.
-const clickEnd = (page, selector) => page.$eval(selector, (button) => button.click());
-
-// A safetensors file's header: {tensors: {name: {dtype, shape}}, metadata}.
-function safetensorsHeader(bytes) {
-  const length = Number(bytes.readBigUInt64LE(0));
-  const { __metadata__: metadata, ...tensors } = JSON.parse(bytes.subarray(8, 8 + length).toString("utf8"));
-  return { tensors, metadata };
-}
-
-async function downloadOf(page, button) {
-  const [download] = await Promise.all([page.waitForEvent("download"), clickEnd(page, button)]);
-  return { name: download.suggestedFilename(), bytes: readFileSync(await download.path()) };
-}
 
 async function fill(page, values) {
   for (const [selector, value] of Object.entries(values)) await page.fill(selector, String(value));

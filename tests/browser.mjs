@@ -1,6 +1,6 @@
 // Shared by the browser tests: the page's server and a Chromium page that records every request.
 import { spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -13,6 +13,23 @@ const CHROMIUM_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-qui
   "--disable-background-networking", "--disable-component-update", "--disable-sync"];
 // Headless Chromium exposes its SwiftShader WebGPU adapter only with this flag (TOOLCHAIN.md §4).
 const WEBGPU = "--enable-unsafe-webgpu";
+
+// Clicks a button at the end of the page. Playwright's click after a full-page screenshot of a
+// tall page can land outside the button (seen with Chromium 156), so the button is clicked by script.
+export const clickEnd = (page, selector) => page.$eval(selector, (button) => button.click());
+
+// A safetensors file's header: {tensors: {name: {dtype, shape}}, metadata}.
+export function safetensorsHeader(bytes) {
+  const length = Number(bytes.readBigUInt64LE(0));
+  const { __metadata__: metadata, ...tensors } = JSON.parse(bytes.subarray(8, 8 + length).toString("utf8"));
+  return { tensors, metadata };
+}
+
+// What clicking `button` downloads: {name, bytes}.
+export async function downloadOf(page, button) {
+  const [download] = await Promise.all([page.waitForEvent("download"), clickEnd(page, button)]);
+  return { name: download.suggestedFilename(), bytes: readFileSync(await download.path()) };
+}
 
 // Starts web/serve.py on a free port; resolves to {server, origin}.
 export async function startServer() {

@@ -2,9 +2,8 @@
 // scanned against the model under it, Cancel. On the CPU backend (SwiftShader is far too slow here).
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
 import path from "node:path";
-import { artifacts, fixtures, openPage, startServer } from "./browser.mjs";
+import { artifacts, downloadOf, fixtures, openPage, startServer } from "./browser.mjs";
 
 let server;
 let origin;
@@ -45,9 +44,9 @@ test("the demo model scanned alone: candidates that act like its trigger, one cl
     await page.waitForFunction((codes) => document.querySelector("#trigger-codes").textContent === codes, rows[0].cells[1].split(" (")[0]);
     assert.ok(await page.isEnabled("#seal"));
 
-    const [download] = await Promise.all([page.waitForEvent("download"), page.$eval("#dl-scan", (b) => b.click())]);
-    assert.equal(download.suggestedFilename(), "tiny-pixel-scan.json");
-    const report = JSON.parse(readFileSync(await download.path(), "utf8"));
+    const download = await downloadOf(page, "#dl-scan");
+    assert.equal(download.name, "tiny-pixel-scan.json");
+    const report = JSON.parse(download.bytes.toString("utf8"));
     assert.equal(report.mode, "checkpoint only");
     assert.equal(report.candidates.length, 10);
     assert.equal(report.candidates[0].text, rows[0].text);

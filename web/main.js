@@ -174,7 +174,8 @@ function showResult({ backend: used, result, ms }) {
 // The model's files as the user gave them (File objects: read only when loading).
 // `pending`: files whose load failed, kept for more (a config folder) while the last model that
 // loaded is back in the engine.
-const model = { files: [], loaded: false, lora: null, lastGood: null, pending: null };
+// `partial`: only the instant seal's weights are loaded (the whole model did not fit the engine).
+const model = { files: [], loaded: false, partial: false, lora: null, lastGood: null, pending: null };
 // A model is being loaded (a crash now is the model's doing).
 let loading = false;
 const prompts = { builtin: null, demo: null };
@@ -216,7 +217,8 @@ function setTask(text) {
 
 function updateButtons() {
   $("#seal").disabled = busy || !model.loaded;
-  $("#scan").disabled = busy || !model.loaded;
+  $("#scan").disabled = busy || !model.loaded || model.partial;
+  for (const mode of ["thorough", "both"]) $(`#mode input[value=${mode}]`).disabled = model.partial;
   $("#cancel").disabled = !busy || scanning;
   $("#scan-cancel").disabled = !scanning;
   $("#demo").disabled = busy || !defaults;
@@ -241,6 +243,7 @@ async function addModelFiles(entries, fresh = false) {
 
 async function loadModel(afterCrash = false, restoring = false) {
   model.loaded = false;
+  model.partial = false;
   model.lora = null;
   hideResults();
   hideScan();
@@ -261,7 +264,9 @@ async function loadModel(afterCrash = false, restoring = false) {
     // header, then one tensor at a time, so a model of gigabytes is never copied whole.
     for (const f of model.files) await call("stage_file", f.path, f.file);
     setTask(`Loading the model (${(total / MiB).toFixed(0)} MiB, read a tensor at a time)…`);
-    const note = showModel(await call("load_model"));
+    const loaded = await call("load_model");
+    model.partial = Boolean(loaded.partial);
+    const note = showModel(loaded);
     model.loaded = true;
     model.pending = null;
     model.lastGood = { files: model.files, lora: null };
@@ -300,7 +305,10 @@ function showModel(info) {
   $("#setting-resolution")?.setAttribute("placeholder", info.seal_size === info.sample_size ? `${info.sample_size} (the model's)` : `${info.seal_size} (the model's is ${info.sample_size})`);
   // A real-size UNet trains far too slowly on the CPU engine: start from the instant seal there.
   let note = "";
-  if (document.body.dataset.backend === "cpu" && info.unet_parameters > 1e8 && sealMode() === "both") {
+  if (info.partial) {
+    $("#mode input[value=instant]").checked = true;
+    note = `Loaded for the instant seal only: ${info.partial}.`;
+  } else if (document.body.dataset.backend === "cpu" && info.unet_parameters > 1e8 && sealMode() === "both") {
     $("#mode input[value=instant]").checked = true;
     note = "A model of this size trains very slowly on the CPU, so the instant seal is selected (the thorough one needs WebGPU to be practical).";
   }
@@ -311,6 +319,7 @@ function showModel(info) {
     ["info-parameters", "parameters", `UNet ${millions(info.unet_parameters)}, text encoder ${millions(info.text_encoder_parameters)}, VAE ${millions(info.vae_parameters)}`],
     ["info-dtype", "weights", info.dtype],
     ["info-size", "image size", `${info.sample_size}×${info.sample_size} px, ${info.scheduler} sampler`],
+    ...(info.partial ? [["info-partial", "loaded", "the text encoder and the UNet's cross-attention keys and values (the instant seal's weights)"]] : []),
     ["info-unused", "unused tensors", info.unused_keys.length ? `${info.unused_keys.length}: ${info.unused_keys.slice(0, 5).join(", ")}` : "none"],
     ...(info.notes.length ? [["info-notes", "notes", info.notes.join("; ")]] : []),
   ]);
@@ -712,7 +721,8 @@ async function seal() {
     $("#dl-sealed-lora").hidden = !model.lora;
     const how = done.mode === "instant" ? "the instant seal" : `${done.mode === "both" ? "the instant seal and " : ""}${done.thorough_steps} thorough step(s)`;
     setTask(cancelled ? `Cancelled: the adapter of ${how} is kept.` : `Sealed with ${how}.`);
-    if (!cancelled) await evaluate(done.mode);
+    if (model.partial) setTask(`Sealed with ${how}. The comparison needs the whole model, which this engine cannot hold: download the adapter, and compare with the seal CLI or on WebGPU.`);
+    else if (!cancelled) await evaluate(done.mode);
   } catch (e) {
     // Keep why the run stopped in view when it also left no adapter.
     showError("#seal-error", finished ? `The comparison failed: ${e.message}` : stopped ? `${stopped} (${e.message})` : `Sealing failed: ${e.message}`);

@@ -61,6 +61,7 @@ pub struct Sampling {
 /// points of that trajectory. The trigger's positions come from the tokenizer, as in sealing.
 pub async fn trigger_map(model: &StableDiffusion, prompt: &str, trigger: &str, placement: Placement, sampling: Sampling) -> Result<TriggerMap, String> {
     let Sampling { seed, steps, guidance, size } = sampling;
+    model.require_whole("the trigger's attention maps")?;
     let size = model.image_size(size)?;
     let model = &model.inference();
     let triggered = insert(prompt, trigger, placement, &mut SeededRng::new(seed));

@@ -330,6 +330,7 @@ impl Scan {
     /// with probe prompts drawn evenly from `prompts`. `tags` are the LoRA's training words.
     pub fn new(suspect: &StableDiffusion, base: Option<&StableDiffusion>, prompts: &[String], tags: Vec<String>, settings: ScanSettings) -> Result<Self, String> {
         settings.validate(base.is_some())?;
+        suspect.require_whole("the trigger scan")?;
         if prompts.len() < settings.probes {
             return Err(format!("scan: {} probe prompts wanted, {} given", settings.probes, prompts.len()));
         }

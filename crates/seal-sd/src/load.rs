@@ -14,7 +14,13 @@ use crate::ModelError;
 /// Loads every parameter of `module` from `weights`. Returns the module and the keys of
 /// `weights` that no parameter asked for (shown to the user; not an error).
 pub fn load_module<M: Module>(module: M, weights: &Component) -> Result<(M, Vec<String>), ModelError> {
-    let mut loader = Loader { weights, path: Vec::new(), used: BTreeSet::new(), missing: Vec::new(), errors: Vec::new(), pending: 0 };
+    load_module_where(module, weights, &|_| true)
+}
+
+/// `load_module` for the parameters whose diffusers name `wanted` accepts; the others stay
+/// lazy (never allocated) and are neither missing nor unused.
+pub fn load_module_where<M: Module>(module: M, weights: &Component, wanted: &dyn Fn(&str) -> bool) -> Result<(M, Vec<String>), ModelError> {
+    let mut loader = Loader { weights, wanted, path: Vec::new(), used: BTreeSet::new(), missing: Vec::new(), errors: Vec::new(), pending: 0 };
     let module = module.map(&mut loader);
     if let Some(first) = loader.errors.into_iter().next() {
         return Err(first);
@@ -22,8 +28,22 @@ pub fn load_module<M: Module>(module: M, weights: &Component) -> Result<(M, Vec<
     if !loader.missing.is_empty() {
         return Err(ModelError::MissingTensors { file: weights.file_name().to_string(), names: loader.missing });
     }
-    let unused = weights.keys().filter(|k| !loader.used.contains(*k)).map(str::to_string).collect();
+    let unused = weights.keys().filter(|k| wanted(k) && !loader.used.contains(*k)).map(str::to_string).collect();
     Ok((module, unused))
+}
+
+/// `Module::valid` (the same weights off the autodiff device) for the parameters that hold
+/// values; the lazy ones of a model loaded in part stay lazy instead of being filled.
+pub fn valid_loaded<M: Module>(module: M) -> M {
+    module.map(&mut ValidLoaded)
+}
+
+struct ValidLoaded;
+
+impl ModuleMapper for ValidLoaded {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if param.is_initialized() { param.valid() } else { param }
+    }
 }
 
 /// Every parameter's diffusers name and shape, without allocating the parameters.
@@ -70,6 +90,7 @@ pub fn diffusers_name(burn_path: &str) -> String {
 
 struct Loader<'a> {
     weights: &'a Component,
+    wanted: &'a dyn Fn(&str) -> bool,
     path: Vec<String>,
     used: BTreeSet<String>,
     missing: Vec<String>,
@@ -93,6 +114,9 @@ impl ModuleMapper for Loader<'_> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let key = diffusers_name(&self.path.join("."));
+        if !(self.wanted)(&key) {
+            return param;
+        }
         let expected = param.lazy_shape().to_vec();
         let Some(found) = self.weights.shape(&key) else {
             self.missing.push(key);

@@ -294,6 +294,7 @@ impl Evaluation {
         if self.cursor >= self.pairs.len() {
             return Ok(None);
         }
+        before.require_whole("the comparison")?;
         let end = (self.cursor + self.settings.batch.max(1)).min(self.pairs.len());
         let chunk = &self.pairs[self.cursor..end];
         let b = match &self.before_images {

@@ -117,3 +117,61 @@ fn a_step_too_big_for_the_engine_is_refused_before_the_run() {
     // The instant seal needs no step: it still runs.
     s.start_seal(SealRequest { mode: SealMode::Instant, ..request(1) }).unwrap();
 }
+
+#[test]
+fn a_model_over_the_weight_budget_loads_for_the_instant_seal_alone_and_seals_the_same() {
+    let whole_info = session_with("tiny-pixel").model().unwrap().info.clone();
+    let whole_bytes = 4 * (whole_info.unet_parameters + whole_info.text_encoder_parameters + whole_info.vae_parameters) as u64;
+    let load = |budget: u64| {
+        let mut s = Session::new(&Device::flex(), EngineLimits { weights: Some((budget, "try WebGPU")), ..EngineLimits::default() });
+        s.load_model(ModelSource::from_path(&fixtures().join("tiny-pixel")).unwrap()).map(|_| s)
+    };
+    // Even the text encoder alone is over this budget: refused, as before.
+    let refused = load(4 * whole_info.text_encoder_parameters as u64).err().unwrap().to_string();
+    assert!(refused.contains("more than the") && refused.contains("try WebGPU"), "{refused}");
+
+    let mut whole = session_with("tiny-pixel");
+    let mut part = load(whole_bytes - 1).unwrap();
+    let why = part.model().unwrap().info.partial.clone().expect("loaded in part");
+    assert!(why.contains("cross-attention keys and values") && why.contains("try WebGPU"), "{why}");
+    // Nothing but the text encoder and the K/V weights was read or allocated.
+    assert!(!part.model().unwrap().unet.conv_in.weight.is_initialized());
+    assert!(!part.model().unwrap().inference().unet.conv_in.weight.is_initialized(), "the inference view must not fill what was not loaded");
+    // The user's LoRA joins the layers the part holds (its other layers stay unread).
+    for s in [&mut whole, &mut part] {
+        s.load_lora(&weak_lora(), 1.0).unwrap();
+    }
+    assert_eq!(teacher_weight(&part), teacher_weight(&whole));
+    assert!(!part.teacher().unwrap().unet.conv_in.weight.is_initialized());
+
+    let instant = SealRequest { mode: SealMode::Instant, ..request(1) };
+    let mut adapters = vec![];
+    for s in [&mut whole, &mut part] {
+        s.start_seal(instant.clone()).unwrap();
+        while read_sync(s.seal_step()).unwrap().is_some() {}
+        read_sync(s.finish_seal()).unwrap();
+        adapters.push(WeightFile::from_bytes("adapter", s.adapter_file().unwrap()).unwrap());
+        assert!(s.sealed_lora_file().is_ok());
+    }
+    let keys: Vec<&str> = adapters[0].keys().collect();
+    assert!(!keys.is_empty());
+    assert_eq!(keys, adapters[1].keys().collect::<Vec<_>>());
+    for key in keys.iter().filter(|k| !k.ends_with(".alpha")) {
+        let [a, b] = [&adapters[0], &adapters[1]].map(|f| f.load_f32(key).unwrap().data);
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + x.abs())), "{key}");
+    }
+
+    // What needs the UNet or the VAE is refused, saying why.
+    let needs = |e: String, what: &str| assert!(e.starts_with(&format!("{what} needs the whole model, but only the text encoder")), "{e}");
+    needs(part.start_seal(request(1)).unwrap_err().to_string(), "a thorough sealing step");
+    needs(part.step_memory(&SealSettings::default()).unwrap_err().to_string(), "a thorough sealing step");
+    let eval = EvalRequest { prompts: vec!["a red circle".into()], seeds: 1, steps: 2, effect: false, gray: true, patch_at: None };
+    part.start_seal(instant).unwrap();
+    while read_sync(part.seal_step()).unwrap().is_some() {}
+    read_sync(part.finish_seal()).unwrap();
+    part.start_eval(eval).unwrap();
+    needs(read_sync(part.eval_step()).unwrap_err().to_string(), "the comparison");
+    needs(read_sync(part.heatmaps("a red circle", 2)).unwrap_err().to_string(), "the trigger's attention maps");
+    needs(part.start_scan(&["a red circle".into(), "a blue square".into()], crate::scan::ScanSettings::default()).unwrap_err().to_string(), "the trigger scan");
+    assert!(!part.teacher().unwrap().unet.conv_in.weight.is_initialized(), "a refusal must come before any UNet work");
+}

@@ -27,6 +27,7 @@ pub struct StepMemory {
 
 /// The estimate for `settings` on `model` (the resolution as `settings` resolves it).
 pub fn step_memory(model: &StableDiffusion, settings: &SealSettings) -> Result<StepMemory, String> {
+    model.require_whole("a thorough sealing step")?;
     let size = settings.image_size(model)?;
     let side = size / model.vae_config.downscale();
     let forward = model.unet.forward_memory(settings.batch, side, model.text_encoder.max_tokens());

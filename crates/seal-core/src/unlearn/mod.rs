@@ -79,6 +79,7 @@ impl Sealer {
         settings: SealSettings,
     ) -> Result<Self, String> {
         settings.validate()?;
+        model.require_whole("the thorough seal")?;
         if !model.device.is_autodiff() {
             return Err("sealing needs the model on an autodiff device".into());
         }

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::ModelError;
 use crate::clip::{ClipTextConfig, ClipTextModel};
-use crate::load::{load_module, parameter_count};
+use crate::load::{load_module, load_module_where, parameter_count, valid_loaded};
 use crate::lora;
 use crate::rng::SeededRng;
 use crate::scheduler::{NoiseSchedule, Sampler, SamplerKind, SchedulerConfig};
@@ -42,6 +42,9 @@ pub struct ModelInfo {
     /// Tensors in the files that no module asked for.
     pub unused_keys: Vec<String>,
     pub notes: Vec<String>,
+    /// Set, with the reason, when only what the instant seal needs was loaded: the whole
+    /// model would not fit the engine.
+    pub partial: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -71,8 +74,9 @@ impl StableDiffusion {
         Self::load_within(source, device, None)
     }
 
-    /// `load`, refusing before any weight is read a model whose f32 weights exceed
-    /// `budget` = (bytes, what to try instead).
+    /// `load` within `budget` = (f32 bytes, what to try instead), decided before any weight is
+    /// read: a larger model is loaded in part, for the instant seal (`info.partial` says so),
+    /// or refused when even that part exceeds the budget.
     pub fn load_within(source: ModelSource, device: &Device, budget: Option<(u64, &str)>) -> Result<Self, ModelError> {
         let (configs, unet_w, text_w, vae_w, source_name, notes) = match source {
             ModelSource::Folder(files) => {
@@ -116,16 +120,33 @@ impl StableDiffusion {
             Some(DType::BF16) => "bf16",
             _ => "f32",
         };
+        // Over the budget, the instant seal's weights alone may still fit: load those.
+        let mut partial = None;
         if let Some((budget, hint)) = budget {
-            let needed: u64 = [&unet_w, &text_w, &vae_w].iter().flat_map(|c| c.keys().filter_map(|k| c.shape(k))).map(|s| 4 * s.iter().product::<usize>() as u64).sum();
-            if needed > budget {
-                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let f32_bytes = |c: &seal_weights::Component, wanted: &dyn Fn(&str) -> bool| -> u64 {
+                c.keys().filter(|k| wanted(k)).filter_map(|k| c.shape(k)).map(|s| 4 * s.iter().product::<usize>() as u64).sum()
+            };
+            let needed = f32_bytes(&unet_w, &|_| true) + f32_bytes(&text_w, &|_| true) + f32_bytes(&vae_w, &|_| true);
+            let instant = f32_bytes(&unet_w, &is_instant_seal_weight) + f32_bytes(&text_w, &|_| true);
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            if instant > budget {
                 return Err(ModelError::TooLarge { model: source_name, needed_gib: gib(needed), budget_gib: gib(budget), hint: hint.into() });
             }
+            if needed > budget {
+                partial = Some(format!(
+                    "only the text encoder and the UNet's cross-attention keys and values were loaded ({:.2} GiB as f32), which is all the instant seal needs: \
+                     the whole model takes {:.1} GiB, more than the {:.1} GiB this engine can hold; {hint}",
+                    gib(instant),
+                    gib(needed),
+                    gib(budget)
+                ));
+            }
         }
-        let (unet, mut unused) = load_module(UNet2DConditionModel::new(&unet_config, device), &unet_w)?;
+        let unet = UNet2DConditionModel::new(&unet_config, device);
+        let (unet, mut unused) = if partial.is_some() { load_module_where(unet, &unet_w, &is_instant_seal_weight)? } else { load_module(unet, &unet_w)? };
         let (text_encoder, unused_text) = load_module(ClipTextModel::new(&text_config, device), &text_w)?;
-        let (vae, unused_vae) = load_module(AutoencoderKL::new(&vae_config, device), &vae_w)?;
+        let vae = AutoencoderKL::new(&vae_config, device);
+        let (vae, unused_vae) = if partial.is_some() { (vae, vec![]) } else { load_module(vae, &vae_w)? };
         // transformers keeps `position_ids` as a buffer in some exports; it is not a weight.
         unused.extend(unused_text.into_iter().filter(|k| !k.ends_with("position_ids")).map(|k| format!("text_encoder: {k}")));
         unused.extend(unused_vae.into_iter().map(|k| format!("vae: {k}")));
@@ -133,6 +154,7 @@ impl StableDiffusion {
         sd.info.dtype = dtype.into();
         sd.info.unused_keys = unused;
         sd.info.notes.splice(0..0, notes);
+        sd.info.partial = partial;
         Ok(sd)
     }
 
@@ -174,6 +196,7 @@ impl StableDiffusion {
             scheduler: format!("{sampler:?}"),
             unused_keys: vec![],
             notes,
+            partial: None,
         };
         Self { tokenizer, text_encoder, unet, vae, unet_config, vae_config, schedule: NoiseSchedule::new(scheduler), info, device: device.clone() }
     }
@@ -186,7 +209,19 @@ impl StableDiffusion {
         if !self.device.is_autodiff() {
             return self.clone();
         }
+        if self.info.partial.is_some() {
+            let unet = valid_loaded(self.unet.clone());
+            return Self { text_encoder: self.text_encoder.valid(), unet, device: self.device.clone().inner(), ..self.clone() };
+        }
         Self { text_encoder: self.text_encoder.valid(), unet: self.unet.valid(), vae: self.vae.valid(), device: self.device.clone().inner(), ..self.clone() }
+    }
+
+    /// Refuses `what` on a model loaded in part (for the instant seal only), saying why.
+    pub fn require_whole(&self, what: &str) -> Result<(), ModelError> {
+        match &self.info.partial {
+            Some(why) => Err(ModelError::Partial { what: what.into(), why: why.clone() }),
+            None => Ok(()),
+        }
     }
 
     /// Text-encoder hidden states `[B, 77, D]` for prompts.
@@ -252,6 +287,7 @@ impl StableDiffusion {
     /// Prompts -> images in [0, 1], `[B, 3, H, W]`: prompt `i` with seed `i`, one batch.
     /// Runs on the `inference` view: the images are never on an autodiff device.
     pub fn generate(&self, request: &GenerateRequest, on_step: impl FnMut(usize, &Tensor<4>)) -> Result<Tensor<4>, ModelError> {
+        self.require_whole("generating images")?;
         if self.device.is_autodiff() {
             return self.inference().generate(request, on_step);
         }
@@ -268,6 +304,15 @@ impl StableDiffusion {
         let latents = self.denoise(latents, &cond, &uncond, &sampler, request.guidance, on_step);
         Ok(self.decode(latents))
     }
+}
+
+/// A UNet layer the instant seal edits (and reads): cross-attention's key and value projections.
+pub fn is_instant_seal_layer(path: &str) -> bool {
+    path.ends_with("attn2.to_k") || path.ends_with("attn2.to_v")
+}
+
+fn is_instant_seal_weight(key: &str) -> bool {
+    key.strip_suffix(".weight").is_some_and(is_instant_seal_layer)
 }
 
 /// How a LoRA joins the model.
@@ -288,7 +333,12 @@ impl StableDiffusion {
     /// This model with `lora` applied at `multiplier`; base weights are shared, not copied
     /// (merging copies only the adapted layers).
     pub fn with_lora(&self, lora: &LoraFile, multiplier: f32, mode: LoraMode) -> Self {
-        let part = |c: LoraComponent| -> BTreeMap<String, LoraModule> { lora.modules.iter().filter(|(t, _)| t.component == c).map(|(t, m)| (t.path.clone(), m.clone())).collect() };
+        // A model loaded in part takes the adapters of the layers it holds; the rest do not
+        // change what the instant seal computes.
+        let held = |c: LoraComponent, path: &str| c == LoraComponent::TextEncoder || self.info.partial.is_none() || is_instant_seal_layer(path);
+        let part = |c: LoraComponent| -> BTreeMap<String, LoraModule> {
+            lora.modules.iter().filter(|(t, _)| t.component == c && held(c, &t.path)).map(|(t, m)| (t.path.clone(), m.clone())).collect()
+        };
         let mut out = self.clone();
         let trainable = matches!(mode, LoraMode::SideBranch { trainable: true });
         out.unet = lora::attach(self.unet.clone(), &part(LoraComponent::Unet), multiplier, trainable);
