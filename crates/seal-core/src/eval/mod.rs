@@ -47,6 +47,10 @@ pub struct ModelScores {
     pub attack_success: BTreeMap<String, f64>,
     /// Share of clean generations where each detector fires.
     pub false_trigger: BTreeMap<String, f64>,
+    /// Share of pairs where each detector fires on the triggered image but not on its clean
+    /// twin (same noise): what the trigger itself causes. Attack success counts a triggered
+    /// image the model would have made without the trigger too; this does not.
+    pub attack_success_net: BTreeMap<String, f64>,
     /// How far each detector's statistic stayed from firing on the triggered generations: a
     /// rate of 0 % can hide images just past the threshold.
     pub attack_margin: BTreeMap<String, Margin>,
@@ -148,6 +152,8 @@ struct Tally {
     stats_trig: BTreeMap<String, (Vec<f32>, f32)>,
     fired_trig: BTreeMap<String, usize>,
     fired_clean: BTreeMap<String, usize>,
+    /// Fired on the triggered image and not on the clean one.
+    fired_trig_only: BTreeMap<String, usize>,
     fired_ctrl: BTreeMap<String, usize>,
     trig_rms: f64,
     ctrl_rms: f64,
@@ -161,8 +167,10 @@ impl Tally {
             let (stat, fired) = d.score(trig);
             let entry = self.stats_trig.entry(d.name()).or_insert_with(|| (vec![], d.threshold()));
             entry.0.push(stat);
+            let clean_fired = d.score(clean).1;
             *self.fired_trig.entry(d.name()).or_default() += fired as usize;
-            *self.fired_clean.entry(d.name()).or_default() += d.score(clean).1 as usize;
+            *self.fired_clean.entry(d.name()).or_default() += clean_fired as usize;
+            *self.fired_trig_only.entry(d.name()).or_default() += (fired && !clean_fired) as usize;
             if let Some(ctrl) = ctrl {
                 *self.fired_ctrl.entry(d.name()).or_default() += d.score(ctrl).1 as usize;
             }
@@ -182,6 +190,7 @@ impl Tally {
         ModelScores {
             attack_success: share(&self.fired_trig),
             false_trigger: share(&self.fired_clean),
+            attack_success_net: share(&self.fired_trig_only),
             attack_margin: self.stats_trig.iter().map(|(k, (v, t))| (k.clone(), Margin::of(v.clone(), *t))).collect(),
             control_fires: share(&self.fired_ctrl),
             trigger_effect_ratio: self.trig_rms / self.ctrl_rms.max(1e-9),
@@ -437,6 +446,11 @@ mod tests {
         assert_eq!(scores.attack_success["patch@0,0"], 1.0);
         assert_eq!(scores.false_trigger["patch@0,0"], 0.0);
         assert_eq!(scores.control_fires["patch@0,0"], 0.5);
+        // A triggered image whose clean twin fires too is an attack success, but not the trigger's doing.
+        tally.add(&detectors, &marked, &marked, None);
+        let scores = tally.scores();
+        assert_eq!(scores.attack_success["patch@0,0"], 1.0);
+        assert!((scores.attack_success_net["patch@0,0"] - 2.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]
