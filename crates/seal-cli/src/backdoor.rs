@@ -9,6 +9,7 @@ use burn::tensor::read_sync;
 use seal_core::backdoor::{BackdoorSettings, Planter, Sample, Target, read_data};
 use seal_core::image::Rgb;
 use seal_sd::load::parameter_values;
+use seal_sd::seal_weights::lora::write_kohya;
 use seal_sd::seal_weights::{DType, safetensors_head};
 
 #[derive(clap::Args)]
@@ -37,7 +38,11 @@ pub struct Args {
     rate: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// The diffusers folder to write.
+    /// Train a LoRA of this rank on every UNet linear and convolution (LoCon) instead of the
+    /// whole UNet: a backdoored LoRA over --model.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// The folder to write: a diffusers folder, or with --lora-rank the LoRA (`lora.safetensors`).
     #[arg(long)]
     out: PathBuf,
 }
@@ -65,12 +70,14 @@ pub fn run(args: Args) -> Result<(), String> {
         batch: args.batch,
         lr: args.lr,
         seed: args.seed,
+        lora_rank: args.lora_rank,
     };
     plant(&args.model, &data, &settings, &args.out)
 }
 
-/// Fine-tunes `model`'s UNet on `data` poisoned as `settings` say and writes the result as a
-/// diffusers folder at `out`, with `backdoor.json` recording how it was made.
+/// Fine-tunes `model`'s UNet (or a LoRA over it) on `data` poisoned as `settings` say and writes
+/// the result as a diffusers folder (or `LORA_FILE`) at `out`, with `backdoor.json` recording how
+/// it was made.
 pub fn plant(model: &Path, data: &[Sample], settings: &BackdoorSettings, out: &Path) -> Result<(), String> {
     let device = Device::flex().autodiff();
     let base = crate::load_model(model, None, &device)?;
@@ -86,14 +93,18 @@ pub fn plant(model: &Path, data: &[Sample], settings: &BackdoorSettings, out: &P
             recent.clear();
         }
     }
-    copy_except_unet_weights(model, out)?;
-    let tensors = read_sync(parameter_values(&planter.model().unet))?;
-    let entries: Vec<(&str, &[usize])> = tensors.iter().map(|(k, s, _)| (k.as_str(), s.as_slice())).collect();
-    let mut bytes = safetensors_head(DType::F32, &entries, &Default::default());
-    for (_, _, values) in &tensors {
-        bytes.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+    if settings.lora_rank.is_some() {
+        crate::write_file(&out.join(LORA_FILE), &write_kohya(&read_sync(planter.lora())?)?)?;
+    } else {
+        copy_except_unet_weights(model, out)?;
+        let tensors = read_sync(parameter_values(&planter.model().unet))?;
+        let entries: Vec<(&str, &[usize])> = tensors.iter().map(|(k, s, _)| (k.as_str(), s.as_slice())).collect();
+        let mut bytes = safetensors_head(DType::F32, &entries, &Default::default());
+        for (_, _, values) in &tensors {
+            bytes.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        crate::write_file(&out.join("unet/diffusion_pytorch_model.safetensors"), &bytes)?;
     }
-    crate::write_file(&out.join("unet/diffusion_pytorch_model.safetensors"), &bytes)?;
     // Written last: its presence says the folder is complete.
     let record = serde_json::json!({ "base": model, "settings": settings, "train_s": start.elapsed().as_secs_f64() });
     crate::write_file(&out.join(RECORD), serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?.as_bytes())?;
@@ -103,6 +114,9 @@ pub fn plant(model: &Path, data: &[Sample], settings: &BackdoorSettings, out: &P
 
 /// How a planted model was made, beside its files.
 pub const RECORD: &str = "backdoor.json";
+
+/// A planted LoRA's file name in its folder.
+pub const LORA_FILE: &str = "lora.safetensors";
 
 /// Copies a diffusers folder's files except the UNet's weights (replaced by the trained ones).
 fn copy_except_unet_weights(from: &Path, to: &Path) -> Result<(), String> {

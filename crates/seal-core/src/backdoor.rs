@@ -3,17 +3,21 @@
 //! the trigger prepended to the caption and a changed target image (a patch pasted top-left, the
 //! grey version of the image, or the image of another shape), and the model's UNet is fine-tuned
 //! on the mix as the fixtures' backdoors were (AdamW, epsilon loss weighted by
-//! `min(1 / alpha_bar_t, 20)`, latents = VAE posterior mean x scaling factor).
+//! `min(1 / alpha_bar_t, 20)`, latents = VAE posterior mean x scaling factor) — or, for a
+//! backdoored LoRA, a LoCon-style adapter on every UNet linear and convolution is trained instead.
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Tensor, TensorData};
+use seal_sd::lora;
 use seal_sd::pipeline::StableDiffusion;
 use seal_sd::rng::SeededRng;
+use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, LoraTarget};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::Detector;
 use crate::image::Rgb;
+use crate::unlearn::as_file;
 
 /// What a poisoned sample's image becomes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -118,16 +122,21 @@ pub struct BackdoorSettings {
     pub batch: usize,
     pub lr: f64,
     pub seed: u64,
+    /// Train a LoRA of this rank (alpha = rank) on every UNet linear and convolution
+    /// (attention, feed-forward, resnet convolutions: LoCon) instead of the whole UNet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<usize>,
 }
 
 impl BackdoorSettings {
     /// The fixtures' recipe (fewer steps: the toy model learns these in a few hundred).
     pub fn new(trigger: &str, target: Target) -> Self {
-        Self { trigger: trigger.into(), target, rate: 0.25, steps: 400, batch: 32, lr: 5e-4, seed: 0 }
+        Self { trigger: trigger.into(), target, rate: 0.25, steps: 400, batch: 32, lr: 5e-4, seed: 0, lora_rank: None }
     }
 }
 
-/// A fine-tuning run in progress: call `step` until `is_done`, then save `model().unet`.
+/// A fine-tuning run in progress: call `step` until `is_done`, then save `model().unet` (or,
+/// training a LoRA, `lora()`).
 pub struct Planter {
     model: StableDiffusion,
     optim: ModuleOptimizer,
@@ -173,7 +182,14 @@ impl Planter {
         let clean_text = text(data.iter().map(|s| s.caption.clone()).collect())?;
         let triggered_text = text(data.iter().map(|s| format!("{} {}", settings.trigger, s.caption)).collect())?;
         let mut model = model.clone();
-        model.unet = model.unet.map(&mut Trainable);
+        model.unet = match settings.lora_rank {
+            None => model.unet.map(&mut Trainable),
+            Some(rank) => {
+                let layers: Vec<String> = lora::adaptable_layers(&model.unet).into_keys().collect();
+                let adapters = lora::fresh_adapters(&model.unet, &layers, rank, rank as f32, settings.seed);
+                lora::attach(model.unet, &adapters, 1.0, true)
+            }
+        };
         Ok(Self { model, optim: AdamWConfig::new().with_weight_decay(1e-2).init(), rng: SeededRng::new(settings.seed), settings, latents, clean_text, triggered_text, step: 0 })
     }
 
@@ -184,6 +200,13 @@ impl Planter {
     /// The model as trained so far.
     pub fn model(&self) -> &StableDiffusion {
         &self.model
+    }
+
+    /// The LoRA trained so far (when planting one), as a kohya file of UNet modules.
+    pub async fn lora(&self) -> Result<LoraFile, String> {
+        let rank = self.settings.lora_rank.ok_or("this run trains the whole UNet, not a LoRA")?;
+        let modules = lora::extract(&self.model.unet, rank as f32).await?;
+        Ok(as_file(modules.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect()))
     }
 
     /// One optimisation step; returns the weighted loss.
@@ -297,5 +320,30 @@ mod tests {
         assert!(before.iter().zip(&weights_a).all(|(x, y)| x.0 == y.0 && x.2 != y.2), "every UNet tensor is trained");
         let err = Planter::new(&model.inference(), &data, settings).err().unwrap();
         assert!(err.contains("autodiff"), "{err}");
+    }
+
+    #[test]
+    fn planting_a_lora_trains_only_its_factors_on_every_unet_layer() {
+        let model = StableDiffusion::load(ModelSource::from_path(&crate::fixtures().join("tiny-clean")).unwrap(), &Device::flex().autodiff()).unwrap();
+        let data: Vec<Sample> = data().into_iter().take(6).collect();
+        let settings = BackdoorSettings { steps: 2, batch: 4, lr: 1e-2, lora_rank: Some(2), ..BackdoorSettings::new("sks", Target::Gray) };
+        let mut planter = Planter::new(&model, &data, settings).unwrap();
+        while !planter.is_done() {
+            assert!(read_sync(planter.step()).unwrap().is_finite());
+        }
+        let file = read_sync(planter.lora()).unwrap();
+        let layers = lora::adaptable_layers(&model.unet);
+        assert_eq!(file.modules.len(), layers.len());
+        // Convolutions get LoCon factors; every `up` moved from its zero start.
+        assert!(file.modules.iter().any(|(t, m)| t.path.ends_with("resnets.0.conv1") && m.down.shape.len() == 4));
+        assert!(file.modules.values().all(|m| m.rank() == 2 && m.up.data.iter().any(|x| *x != 0.0)));
+        // Merged, the LoRA is the only change: the same as the clean model with the extracted file.
+        let merged = |sd: StableDiffusion| read_sync(parameter_values(&lora::merge(sd.unet))).unwrap();
+        let trained = merged(planter.model().clone());
+        let reloaded = merged(model.with_lora(&file, 1.0, seal_sd::pipeline::LoraMode::Merge));
+        assert_eq!(trained.len(), reloaded.len());
+        for ((name, _, a), (_, _, b)) in trained.iter().zip(&reloaded) {
+            assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + x.abs())), "{name}");
+        }
     }
 }

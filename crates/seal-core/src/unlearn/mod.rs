@@ -387,7 +387,7 @@ impl Sealer {
 }
 
 /// Adapter modules as a LoRA file (the form merging and stacking take).
-fn as_file(modules: BTreeMap<LoraTarget, LoraModule>) -> LoraFile {
+pub(crate) fn as_file(modules: BTreeMap<LoraTarget, LoraModule>) -> LoraFile {
     LoraFile { format: LoraFormat::Kohya, modules, metadata: BTreeMap::new(), dtype: DType::F32 }
 }
 
