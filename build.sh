@@ -110,7 +110,10 @@ cmd_test() {
   phase "playwright-core" install_playwright
   cmd_wasm
   phase "lint tools" install_lint_tools
-  phase "native cli" cargo build --quiet -p seal-cli
+  # Every native target at once: the CLI the browser tests drive and the test binaries share one
+  # feature resolution, so `cargo test` builds nothing again (built apart, the dependencies were
+  # compiled twice: ~7 min of a cold run).
+  phase "native build" cargo build --quiet --workspace --all-targets
   export SEAL_BIN="$CARGO_TARGET_DIR/debug/seal"
   suite "rustfmt and clippy" lint
   suite "native tests" cargo test --quiet --workspace --no-fail-fast
