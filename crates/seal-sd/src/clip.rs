@@ -111,6 +111,18 @@ impl ClipTextModel {
         self.text_model.embeddings.position_embedding.weight.lazy_shape()[0]
     }
 
+    /// Bytes one taped forward of `sequences` prompts keeps for its backward (f32): per layer,
+    /// the norms', projections' and MLP's activations, and the attention's scores and
+    /// probabilities.
+    pub fn forward_memory(&self, sequences: usize) -> u64 {
+        let t = self.max_tokens() as u64;
+        let per_layer = |l: &ClipEncoderLayer| {
+            let (width, inner) = (l.self_attn.q_proj.weight.lazy_shape()[0] as u64, l.mlp.fc1.weight.lazy_shape()[0] as u64);
+            t * (8 * width + 3 * inner) + 2 * l.self_attn.heads as u64 * t * t
+        };
+        4 * sequences as u64 * self.text_model.encoder.layers.iter().map(per_layer).sum::<u64>()
+    }
+
     pub fn new(config: &ClipTextConfig, device: &Device) -> Self {
         let d = config.hidden_size;
         let eps = config.layer_norm_eps;

@@ -7,10 +7,15 @@ use serde::Serialize;
 use super::{AttnTarget, LatentSource, SealSettings};
 
 /// Measured on the CPU backend (`seal bench --real-size`, BK-SDM-tiny shape; peak above the
-/// loaded weights): 1127 / 1056 MiB at 128 px, batch 1 / 4; 1935 / 4919 MiB at 256 px. The
-/// per-layer count gave 182 / 727 / 923 / 3693 MiB: the peak is about one UNet weight copy
-/// (1233 MiB here) above it, and grows ~8 % faster per image than counted.
+/// loaded weights) with UNet adapters only: 1127 / 1056 MiB at 128 px, batch 1 / 4; 1935 / 4919
+/// MiB at 256 px. The per-layer count gave 182 / 727 / 923 / 3693 MiB: the peak is about one
+/// UNet weight copy (1233 MiB here) above it, and grows ~8 % faster per image than counted.
 const MEASURED_SLACK: f64 = 1.1;
+
+/// With text-encoder adapters too, the same 128-px steps peaked at 1929 / 1744 MiB: about
+/// 800 MiB more at batch 1, more than one copy of the text encoder's weights (470 MiB for
+/// CLIP ViT-L/14), which the tape holds beside its activations.
+const TEXT_ENCODER_WEIGHT_COPIES: f64 = 1.5;
 
 /// Bytes a sealing step needs (f32 weights and activations).
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
@@ -36,7 +41,7 @@ pub fn step_memory(model: &StableDiffusion, settings: &SealSettings) -> Result<S
     // The backward holds a gradient of the largest activation beside its input and output; the
     // tape also holds about one more copy of the UNet's weights, and the per-layer count runs
     // under the measured peak (see `MEASURED_SLACK`).
-    let student = (MEASURED_SLACK * (taped * forward.saved) as f64) as u64 + 3 * forward.largest + unet_weights;
+    let student = (MEASURED_SLACK * (taped * forward.saved) as f64) as u64 + 3 * forward.largest + unet_weights + text_encoder_memory(model, settings);
     // Sampling trajectories runs the teacher on twice the batch (classifier-free guidance).
     let teacher = match settings.latents {
         LatentSource::Noise => forward.untaped_peak(),
@@ -46,6 +51,17 @@ pub fn step_memory(model: &StableDiffusion, settings: &SealSettings) -> Result<S
     let weights = weight_bytes(model);
     let activations = student.max(teacher).max(substitute);
     Ok(StepMemory { weights, activations, largest: forward.largest, total: weights + activations })
+}
+
+/// What training the text encoder's adapters adds to a step: its taped encodings (two with the
+/// preservation term) and the tape's copies of its weights (see `TEXT_ENCODER_WEIGHT_COPIES`).
+fn text_encoder_memory(model: &StableDiffusion, settings: &SealSettings) -> u64 {
+    if !settings.text_encoder {
+        return 0;
+    }
+    let taped = 1 + u64::from(settings.preserve_weight > 0.0);
+    let weights = TEXT_ENCODER_WEIGHT_COPIES * (4 * model.info.text_encoder_parameters) as f64;
+    taped * model.text_encoder.forward_memory(settings.batch) + weights as u64
 }
 
 /// The model's weights as f32 (teacher and student share them).
@@ -108,8 +124,9 @@ mod tests {
         let at = |batch, side| step_memory(&model, &SealSettings { batch, resolution: Some(side), ..SealSettings::default() }).unwrap();
         let (small, batch4, side2x) = (at(1, 256), at(4, 256), at(1, 512));
         assert_eq!(small.weights, 4 * 1_066_235_307);
-        // Beyond the tape's copy of the UNet weights, activations grow with images and pixels.
-        let per = |m: StepMemory| m.activations - 4 * model.info.unet_parameters as u64;
+        // Beyond the tape's copies of the weights, activations grow with images and pixels.
+        let copies = 4 * model.info.unet_parameters as u64 + (TEXT_ENCODER_WEIGHT_COPIES * (4 * model.info.text_encoder_parameters) as f64) as u64;
+        let per = |m: StepMemory| m.activations - copies;
         assert!(per(batch4) > 3 * per(small) && per(side2x) > 4 * per(small), "{small:?} {batch4:?} {side2x:?}");
         // Self-attention is taken in chunks: no tensor of a 512-px step passes 335 MiB (the
         // feed-forward's 8x projection at batch 8), though its scores would be 4 GiB whole.
@@ -130,5 +147,9 @@ mod tests {
         assert!(err.contains("buffer limit"), "{err}");
         let err = check_fits(&model, &settings, small.weights, u64::MAX).unwrap_err();
         assert!(err.contains("instant seal"), "{err}");
+        // Training the text encoder's adapters costs its encodings and the tape's weight copies.
+        let unet_only = step_memory(&model, &SealSettings { text_encoder: false, resolution: Some(256), batch: 1, ..SealSettings::default() }).unwrap();
+        let extra = small.activations - unet_only.activations;
+        assert!(extra > 4 * model.info.text_encoder_parameters as u64 && extra < 8 * model.info.text_encoder_parameters as u64, "{extra}");
     }
 }
