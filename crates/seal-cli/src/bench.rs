@@ -46,6 +46,10 @@ pub struct Args {
     batches: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_values_t = [128, 256])]
     sides: Vec<usize>,
+    /// With --real-size: record the steps with Burn's balanced gradient checkpointing
+    /// (memory-bound ops recomputed in the backward pass instead of kept).
+    #[arg(long)]
+    checkpointing: bool,
     /// (Internal) one --real-size configuration in this process, as JSON on stdout.
     #[arg(long, hide = true)]
     one_step: bool,
@@ -312,6 +316,7 @@ fn real_size(args: &Args) -> Result<Value, String> {
                     .args(["bench", "--one-step", "--fixtures"])
                     .arg(&args.fixtures)
                     .args(["--real-size", name, "--batches", &batch.to_string(), "--sides", &side.to_string()])
+                    .args(args.checkpointing.then_some("--checkpointing"))
                     .stderr(std::process::Stdio::inherit())
                     .output()
                     .map_err(|e| e.to_string())?;
@@ -330,7 +335,7 @@ fn one_step(args: &Args) -> Result<(), String> {
     let (Some(name), Some(&side), Some(&batch)) = (args.real_size.first(), args.sides.first(), args.batches.first()) else {
         return Err("--one-step needs --real-size, --sides and --batches".into());
     };
-    let device = Device::flex().autodiff();
+    let device = if args.checkpointing { Device::flex().autodiff().gradient_checkpointing() } else { Device::flex().autodiff() };
     let prompts = crate::read_prompts(Some(&args.fixtures.join("prompts/train.txt")))?;
     let path = args.fixtures.join(format!("layouts/unet_{name}.json"));
     let layout: Value = serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?).map_err(|e| e.to_string())?;
@@ -361,6 +366,7 @@ fn one_step(args: &Args) -> Result<(), String> {
         "unet": name,
         "side": side,
         "batch": batch,
+        "checkpointing": args.checkpointing,
         "first_step_s": first,
         "step_s": step_s,
         "projected_seal_s": first + step_s * (settings.steps - 1) as f64,
