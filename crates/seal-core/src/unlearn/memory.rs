@@ -82,21 +82,39 @@ pub fn check_fits(model: &StableDiffusion, settings: &SealSettings, budget: u64,
     } else {
         format!("a {:.0} MiB tensor, more than the device's {:.0} MiB buffer limit", need.largest as f64 / (1 << 20) as f64, max_buffer as f64 / (1 << 20) as f64)
     };
-    let step = model.size_step();
     let fits = |s: &SealSettings| step_memory(model, s).is_ok_and(|m| m.total <= budget && m.largest <= max_buffer);
     let size = settings.image_size(model)?;
-    let smaller = (1..)
-        .map(|k| size.saturating_sub(k * step))
-        .take_while(|&r| r >= step)
-        .find(|&r| fits(&SealSettings { resolution: Some(r), ..settings.clone() }))
-        .map(|r| format!("a resolution of {r} px"));
-    let fewer = (1..settings.batch).rev().find(|&b| fits(&SealSettings { batch: b, ..settings.clone() })).map(|b| format!("a batch of {b}"));
-    let hint = match (fewer, smaller) {
-        (Some(b), Some(r)) => format!("try {b}, or {r}"),
-        (Some(x), None) | (None, Some(x)) => format!("try {x}"),
-        (None, None) => "even the smallest resolution and a batch of 1 do not fit here; the instant seal needs no UNet training".into(),
+    let mut hints = smaller_steps(model, settings, &fits);
+    // Text-encoder adapters cost the same at any size: without them, the step itself, or else
+    // a smaller one, may fit.
+    const UNET_ONLY: &str = "UNet adapters only (no text-encoder adapters)";
+    let unet_only = SealSettings { text_encoder: false, ..settings.clone() };
+    if settings.text_encoder && fits(&unet_only) {
+        hints.push(UNET_ONLY.into());
+    } else if settings.text_encoder && hints.is_empty() {
+        hints = smaller_steps(model, &unet_only, &fits).into_iter().map(|h| format!("{h} with {UNET_ONLY}")).collect();
+    }
+    let hint = match hints.as_slice() {
+        [] => "even the smallest resolution and a batch of 1 do not fit here; the instant seal needs no UNet training".into(),
+        [one] => format!("try {one}"),
+        [first @ .., last] => format!("try {}, or {last}", first.join(", ")),
     };
     Err(format!("a sealing step at {size} px, batch {} needs {what}: {hint}", settings.batch))
+}
+
+/// Smaller steps than `settings` that `fits`: the largest batch at its resolution, the largest
+/// resolution at its batch, or failing both, the largest resolution at batch 1.
+fn smaller_steps(model: &StableDiffusion, settings: &SealSettings, fits: &dyn Fn(&SealSettings) -> bool) -> Vec<String> {
+    let (Ok(size), step) = (settings.image_size(model), model.size_step()) else { return vec![] };
+    let largest_side =
+        |s: &SealSettings| (1..).map(|k| size.saturating_sub(k * step)).take_while(|&r| r >= step).find(|&r| fits(&SealSettings { resolution: Some(r), ..s.clone() }));
+    let fewer = (1..settings.batch).rev().find(|&b| fits(&SealSettings { batch: b, ..settings.clone() })).map(|b| format!("a batch of {b}"));
+    let smaller = largest_side(settings).map(|r| format!("a resolution of {r} px"));
+    let hints: Vec<String> = [fewer, smaller].into_iter().flatten().collect();
+    if !hints.is_empty() || settings.batch == 1 {
+        return hints;
+    }
+    largest_side(&SealSettings { batch: 1, ..settings.clone() }).map(|r| vec![format!("a batch of 1 at {r} px")]).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -151,5 +169,12 @@ mod tests {
         let unet_only = step_memory(&model, &SealSettings { text_encoder: false, resolution: Some(256), batch: 1, ..SealSettings::default() }).unwrap();
         let extra = small.activations - unet_only.activations;
         assert!(extra > 4 * model.info.text_encoder_parameters as u64 && extra < 8 * model.info.text_encoder_parameters as u64, "{extra}");
+        let at_256 = SealSettings { resolution: Some(256), batch: 1, ..SealSettings::default() };
+        let err = check_fits(&model, &at_256, unet_only.total, u64::MAX).unwrap_err();
+        assert!(err.ends_with("or UNet adapters only (no text-encoder adapters)"), "{err}");
+        // Where no smaller step fits with them, a smaller one without them is named.
+        let tight = step_memory(&model, &SealSettings { text_encoder: false, resolution: Some(128), batch: 1, ..SealSettings::default() }).unwrap().total;
+        let err = check_fits(&model, &settings, tight, u64::MAX).unwrap_err();
+        assert!(err.ends_with("try a batch of 1 at 128 px with UNet adapters only (no text-encoder adapters)"), "{err}");
     }
 }
