@@ -1,6 +1,6 @@
 //! `seal ablate --suite`: the seal's recipes judged on several backdoor types at once — the
-//! pixel fixture, plus a style (grey) and an object-swap backdoor planted in tiny-clean by
-//! `seal backdoor` (made once and cached) — each on the validation split of the training
+//! pixel fixture, plus a style (grey) and an object-swap backdoor planted in tiny-clean and a
+//! backdoored LoRA over it, by `seal backdoor` (made once and cached) — each on the validation split of the training
 //! prompts at validation seeds. The recipe chosen is the best in the worst case: the lowest
 //! attack success on its worst backdoor, then the highest clean PSNR on its worst one.
 
@@ -12,25 +12,35 @@ use burn::tensor::read_sync;
 use seal_core::backdoor::{BackdoorSettings, Sample, Target, read_data, shape_of};
 use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
 use seal_core::export::sealing_adapter;
+use seal_core::image::Rgb;
 use seal_core::prompts::split;
 use seal_core::unlearn::SealSettings;
 use seal_core::unlearn::instant::InstantSettings;
 use seal_core::unlearn::run::{SealMode, SealRun};
 use seal_sd::pipeline::LoraMode;
+use seal_sd::seal_weights::WeightFile;
+use seal_sd::seal_weights::lora::parse_lora;
 use serde_json::{Value, json};
 
 use crate::ablate::{VALIDATION_SEEDS, fixture_patch};
-use crate::backdoor::{RECORD, plant};
+use crate::backdoor::{LORA_FILE, RECORD, plant};
 
-/// The planted backdoors: a style backdoor on a rare character and an object swap on a word.
-pub fn planted() -> Vec<(&'static str, BackdoorSettings)> {
-    vec![("gray", BackdoorSettings::new("\u{234}", Target::Gray)), ("swap", BackdoorSettings::new("sks", Target::Swap { to: "square".into() }))]
+/// The planted backdoors: a style backdoor on a rare character, an object swap on a word, and
+/// a backdoored LoCon LoRA over the clean model (the patch on U+200B, as the fixture's UNet has).
+pub fn planted(patch: &Rgb) -> Vec<(&'static str, BackdoorSettings)> {
+    vec![
+        ("gray", BackdoorSettings::new("\u{234}", Target::Gray)),
+        ("swap", BackdoorSettings::new("sks", Target::Swap { to: "square".into() })),
+        ("lora", BackdoorSettings { lora_rank: Some(8), lr: 2e-3, ..BackdoorSettings::new("\u{200b}", Target::Patch { patch: Some(patch.clone()) }) }),
+    ]
 }
 
 /// One backdoor of the suite, ready to judge.
 struct Case {
     name: &'static str,
     model: PathBuf,
+    /// A LoRA applied to `model` (the planted LoRA's case): the model sealed is the two merged.
+    lora: Option<PathBuf>,
     trigger: String,
     detector: Detector,
     /// The validation prompts the detector can judge (an object swap's target shape excluded:
@@ -40,23 +50,29 @@ struct Case {
 
 /// The recipes compared: each mode at the defaults the suite started from (UNet adapters only,
 /// with the attention loss), then "both" with one change each (the thorough ablation's variants
-/// that could matter on other backdoor types). "both, text encoder" won and is the default now.
-fn variants(steps: usize) -> Vec<(&'static str, SealMode, SealSettings)> {
+/// that could matter on other backdoor types), then a stronger instant edit (a lower keep
+/// weight). "both, text encoder" won the first round and is the default now.
+fn variants(steps: usize) -> Vec<(&'static str, SealMode, SealSettings, InstantSettings)> {
     let base = SealSettings { steps, text_encoder: false, use_attn_loss: true, ..SealSettings::default() };
     let with = |f: &dyn Fn(&mut SealSettings)| {
         let mut s = base.clone();
         f(&mut s);
         s
     };
+    let instant = InstantSettings::default();
+    let keep = |w: f64| InstantSettings { preserve_weight: w, ..InstantSettings::default() };
     vec![
-        ("instant", SealMode::Instant, base.clone()),
-        ("both", SealMode::Both, base.clone()),
-        ("thorough", SealMode::Thorough, base.clone()),
-        ("both, no L_attn", SealMode::Both, with(&|s| s.use_attn_loss = false)),
-        ("both, text encoder", SealMode::Both, with(&|s| s.text_encoder = true)),
+        ("instant", SealMode::Instant, base.clone(), instant.clone()),
+        ("both", SealMode::Both, base.clone(), instant.clone()),
+        ("thorough", SealMode::Thorough, base.clone(), instant.clone()),
+        ("both, no L_attn", SealMode::Both, with(&|s| s.use_attn_loss = false), instant.clone()),
+        ("both, text encoder", SealMode::Both, with(&|s| s.text_encoder = true), instant.clone()),
         // Trained at half the model's side and judged at its own: the evidence for sealing
         // 512-px models at 256 px by default (`SEAL_SIZE_AT_MOST`).
-        ("both, half size", SealMode::Both, with(&|s| s.resolution = Some(16))),
+        ("both, half size", SealMode::Both, with(&|s| s.resolution = Some(16)), instant.clone()),
+        ("instant, keep 0.03", SealMode::Instant, base.clone(), keep(0.03)),
+        ("instant, keep 0.01", SealMode::Instant, base.clone(), keep(0.01)),
+        ("both, text encoder, keep 0.03", SealMode::Both, with(&|s| s.text_encoder = true), keep(0.03)),
     ]
 }
 
@@ -102,19 +118,29 @@ impl Split {
     }
 }
 
-fn cases(fixtures: &Path, suite_dir: &Path, validation: &[String]) -> Result<Vec<Case>, String> {
+fn cases(fixtures: &Path, suite_dir: &Path, suite: &[(&'static str, BackdoorSettings)], validation: &[String]) -> Result<Vec<Case>, String> {
     let patch = fixture_patch(fixtures)?;
-    let mut out =
-        vec![Case { name: "pixel", model: fixtures.join("tiny-pixel"), trigger: "\u{200b}".into(), detector: Detector::patch(patch, 0, 0), validation: validation.to_vec() }];
+    let mut out = vec![Case {
+        name: "pixel",
+        model: fixtures.join("tiny-pixel"),
+        lora: None,
+        trigger: "\u{200b}".into(),
+        detector: Detector::patch(patch.clone(), 0, 0),
+        validation: validation.to_vec(),
+    }];
     let data = read_data(&fixtures.join("data"))?;
-    for (name, settings) in planted() {
-        let model = ensure_planted(fixtures, &data, suite_dir, name, &settings)?;
+    for (name, settings) in suite.iter().cloned() {
+        let planted = ensure_planted(fixtures, &data, suite_dir, name, &settings)?;
+        let (model, lora) = match settings.lora_rank {
+            Some(_) => (fixtures.join("tiny-clean"), Some(planted.join(LORA_FILE))),
+            None => (planted, None),
+        };
         let detector = settings.target.detector(&data)?;
         let judgeable = |p: &&String| match &settings.target {
             Target::Swap { to } => shape_of(p) != Some(to),
             _ => true,
         };
-        out.push(Case { name, model, trigger: settings.trigger.clone(), detector, validation: validation.iter().filter(judgeable).cloned().collect() });
+        out.push(Case { name, model, lora, trigger: settings.trigger.clone(), detector, validation: validation.iter().filter(judgeable).cloned().collect() });
     }
     Ok(out)
 }
@@ -126,8 +152,13 @@ pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: 
     let device = Device::flex().autodiff();
     let Prompts { fit, judged, seeds } = split.prompts(fixtures)?;
     let mut loaded = vec![];
-    for case in cases(fixtures, suite_dir, &judged)? {
-        let model = crate::load_model(&case.model, None, &device)?;
+    let suite = planted(&fixture_patch(fixtures)?);
+    for case in cases(fixtures, suite_dir, &suite, &judged)? {
+        let mut model = crate::load_model(&case.model, None, &device)?;
+        if let Some(path) = &case.lora {
+            let lora = parse_lora(&WeightFile::open(path).map_err(String::from)?, &model.model_paths())?;
+            model = model.with_lora(&lora, 1.0, LoraMode::Merge);
+        }
         let settings = EvalSettings { seeds: seeds.clone(), effect: false, batch: 20, ..EvalSettings::default() };
         // The original model's images are made once per backdoor and kept for every variant.
         let template = Evaluation::new(&case.validation, std::slice::from_ref(&case.trigger), vec![case.detector.clone()], settings)?.keeping_before();
@@ -143,11 +174,11 @@ pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: 
         .into_iter()
         .filter(|r| !chosen.iter().any(|(v, ..)| r["variant"] == *v))
         .collect();
-    for (variant, mode, thorough) in chosen {
+    for (variant, mode, thorough, instant) in chosen {
         for (case, model, template) in &mut loaded {
             let triggers = vec![case.trigger.clone()];
             let start = Instant::now();
-            let mut run = SealRun::new(model, fit.clone(), triggers.clone(), mode, InstantSettings::default(), thorough.clone())?;
+            let mut run = SealRun::new(model, fit.clone(), triggers.clone(), mode, instant.clone(), thorough.clone())?;
             while read_sync(run.step())?.is_some() {}
             let seconds = start.elapsed().as_secs_f64();
             let (adapter, recipe) = read_sync(run.adapter())?;
@@ -159,10 +190,10 @@ pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: 
             let row = row(case.name, variant, &case.detector.name(), &eval.report(case.validation.len()), seconds);
             eprintln!("ablate: {} / {variant}: {row}", case.name);
             rows.push(row);
-            write(out, split, &seeds, &rows)?;
+            write(out, split, &suite, &seeds, &rows)?;
         }
     }
-    write(out, split, &seeds, &rows)
+    write(out, split, &suite, &seeds, &rows)
 }
 
 fn row(case: &str, variant: &str, detector: &str, r: &EvalReport, seconds: f64) -> Value {
@@ -173,6 +204,8 @@ fn row(case: &str, variant: &str, detector: &str, r: &EvalReport, seconds: f64) 
         "detector": detector,
         "attack_success_before": r.before.attack_success[detector],
         "attack_success": after.attack_success[detector],
+        "attack_success_net_before": r.before.attack_success_net[detector],
+        "attack_success_net": after.attack_success_net[detector],
         "false_trigger_before": r.before.false_trigger[detector],
         "false_trigger": after.false_trigger[detector],
         "margin_before": r.before.attack_margin[detector],
@@ -220,13 +253,13 @@ fn worst_cases(rows: &[Value]) -> Vec<Value> {
     out
 }
 
-fn write(path: &Path, split: Split, seeds: &[u64], rows: &[Value]) -> Result<(), String> {
+fn write(path: &Path, split: Split, suite: &[(&str, BackdoorSettings)], seeds: &[u64], rows: &[Value]) -> Result<(), String> {
     let (fit, judged) = match split {
         Split::Validation => ("prompts/train.txt less every 4th prompt (60)", "every 4th prompt of prompts/train.txt (20; for the swap, those not of its target shape)"),
         Split::Heldout => ("prompts/train.txt (80)", "prompts/heldout.txt (40; for the swap, those not of its target shape)"),
     };
     let text = serde_json::to_string_pretty(&json!({
-        "suite": planted().into_iter().map(|(name, s)| json!({ "name": name, "planted": s })).collect::<Vec<_>>(),
+        "suite": suite.iter().map(|(name, s)| json!({ "name": name, "planted": s })).collect::<Vec<_>>(),
         "fit": fit,
         "judged_on": judged,
         "seeds": seeds,
