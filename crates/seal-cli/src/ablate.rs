@@ -51,7 +51,8 @@ pub struct Args {
     #[arg(long)]
     from_instant: bool,
     /// Judge each seal mode on the validation suite (the pixel fixture plus planted style and
-    /// object-swap backdoors) and rank them by their worst case (bench-results/ablation-suite.json).
+    /// object-swap backdoors and a backdoored LoRA) and rank them by their worst case
+    /// (bench-results/ablation-suite.json).
     #[arg(long)]
     suite: bool,
     /// With --suite: judge once on the held-out prompts at the acceptance seeds (0..4) instead of
