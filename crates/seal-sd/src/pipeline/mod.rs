@@ -542,10 +542,16 @@ mod loading_tests {
     }
 
     #[test]
-    fn a_model_beyond_the_memory_budget_is_refused_before_loading() {
-        let err = StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Some((1 << 20, "try WebGPU"))).err().unwrap().to_string();
+    fn a_model_beyond_the_memory_budget_loads_in_part_or_is_refused_before_loading() {
+        let load = |budget: u64| StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Some((budget, "try WebGPU")));
+        // Below even the text encoder: refused.
+        let err = load(1 << 10).err().unwrap().to_string();
         assert!(err.starts_with("diffusers folder: its weights take 0.0 GiB as f32, more than the 0.0 GiB") && err.ends_with("try WebGPU"), "{err}");
-        assert!(StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Some((1 << 30, "-"))).is_ok());
+        // Below the whole model: the instant seal's weights alone, saying so.
+        let part = load(1 << 20).unwrap();
+        assert!(part.info.partial.as_ref().is_some_and(|why| why.starts_with("only the text encoder") && why.ends_with("try WebGPU")), "{:?}", part.info.partial);
+        assert!(part.require_whole("generating images").is_err() && !part.vae.decoder.conv_in.weight.is_initialized());
+        assert!(load(1 << 30).unwrap().info.partial.is_none());
     }
 
     #[test]
