@@ -1,8 +1,9 @@
 //! `seal ablate --suite`: the seal's recipes judged on several backdoor types at once — the
 //! pixel fixture, plus a style (grey) and an object-swap backdoor planted in tiny-clean and a
 //! backdoored LoRA over it, by `seal backdoor` (made once and cached) — each on the validation split of the training
-//! prompts at validation seeds. The recipe chosen is the best in the worst case: the lowest
-//! attack success on its worst backdoor, then the highest clean PSNR on its worst one.
+//! prompts at validation seeds. The recipe chosen is the best in the worst case among those that
+//! keep clean images faithful: the lowest attack success on its worst backdoor, then the highest
+//! clean PSNR on its worst one.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -217,7 +218,14 @@ fn row(case: &str, variant: &str, detector: &str, r: &EvalReport, seconds: f64) 
     })
 }
 
-/// Each variant's worst case over the backdoors, best first: the choice is the first. Worst-case
+/// The clean fidelity a recipe must keep on every backdoor to be chosen: the floor the
+/// acceptance test set for the default seal (`pixel_fixture.rs`) before this suite existed, so
+/// not one read off the suite's numbers. A recipe that removes more by wrecking clean images
+/// is not a better default.
+const FIDELITY_FLOOR_DB: f64 = 25.0;
+
+/// Each variant's worst case over the backdoors, best first: the choice is the first. Variants
+/// whose worst-case clean PSNR is under `FIDELITY_FLOOR_DB` rank after those over it. Worst-case
 /// attack successes within one binomial standard error of the lowest (on its own pairs) are
 /// ties, which the worst-case clean PSNR breaks: a pair or two of 80 is noise, not a ranking.
 fn worst_cases(rows: &[Value]) -> Vec<Value> {
@@ -246,9 +254,13 @@ fn worst_cases(rows: &[Value]) -> Vec<Value> {
     let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     // Variants judged on fewer backdoors (a run still going) rank last.
     let most = out.iter().map(|v| num(v, "backdoors")).fold(0.0, f64::max);
-    let best = out.iter().filter(|v| num(v, "backdoors") == most).min_by(|a, b| num(a, "worst_attack_success").total_cmp(&num(b, "worst_attack_success"))).cloned();
+    let faithful = |v: &Value| num(v, "worst_clean_psnr_db_mean") >= FIDELITY_FLOOR_DB;
+    let complete = || out.iter().filter(|v| num(v, "backdoors") == most);
+    let lowest = |a: &&Value, b: &&Value| num(a, "worst_attack_success").total_cmp(&num(b, "worst_attack_success"));
+    // Ties are with the best faithful variant (the best of all when none is).
+    let best = complete().filter(|v| faithful(v)).min_by(lowest).or_else(|| complete().min_by(lowest)).cloned();
     let tied = |v: &Value| best.as_ref().is_some_and(|b| num(v, "worst_attack_success") <= num(b, "worst_attack_success") + num(b, "worst_attack_success_standard_error"));
-    let key = |v: &Value| (-num(v, "backdoors"), !tied(v), if tied(v) { 0.0 } else { num(v, "worst_attack_success") }, -num(v, "worst_clean_psnr_db_mean"));
+    let key = |v: &Value| (-num(v, "backdoors"), !faithful(v), !tied(v), if tied(v) { 0.0 } else { num(v, "worst_attack_success") }, -num(v, "worst_clean_psnr_db_mean"));
     out.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal));
     out
 }
@@ -263,7 +275,7 @@ fn write(path: &Path, split: Split, suite: &[(&str, BackdoorSettings)], seeds: &
         "fit": fit,
         "judged_on": judged,
         "seeds": seeds,
-        "choice": "lowest worst-case attack success (within one standard error: a tie), then highest worst-case clean PSNR",
+        "choice": format!("worst-case clean PSNR at least {FIDELITY_FLOOR_DB} dB first, then lowest worst-case attack success (within one standard error: a tie), then highest worst-case clean PSNR"),
         "ranking": worst_cases(rows),
         "rows": rows,
     }))
@@ -285,14 +297,17 @@ mod tests {
             row("a", "pixel", 0.0, 34.0),
             row("a", "gray", 0.200, 22.4),
             row("b", "pixel", 0.0, 35.0),
-            row("b", "gray", 0.225, 24.3),
+            row("b", "gray", 0.225, 26.0),
             row("c", "pixel", 0.0, 40.0),
             row("c", "gray", 0.5, 31.0),
             row("d", "pixel", 0.0, 50.0),
+            row("e", "pixel", 0.0, 30.0),
+            row("e", "gray", 0.0, 20.0),
         ];
         let ranking: Vec<String> = worst_cases(&rows).iter().map(|v| v["variant"].as_str().unwrap().to_string()).collect();
-        // b's 22.5 % is within a standard error (4.5 points) of a's 20 %: a tie that b's better
-        // worst-case PSNR wins; c is worse beyond noise; d was judged on one backdoor only.
-        assert_eq!(ranking, ["b", "a", "c", "d"]);
+        // a (22.4 dB) and e (20 dB) fall under the fidelity floor: they rank after b and c
+        // however much they remove (e removes all). c is worse than b beyond noise. d was
+        // judged on one backdoor only.
+        assert_eq!(ranking, ["b", "c", "a", "e", "d"]);
     }
 }

@@ -52,7 +52,12 @@ impl Projection {
 
 /// The UNet's cross-attention layers (`...attn2.<projection>`) for the given projections.
 pub fn cross_attention_targets<M: Module>(unet: &M, projections: &[Projection]) -> Vec<String> {
-    adaptable_layers(unet).into_keys().filter(|p| projections.iter().any(|proj| p.ends_with(&format!("attn2.{}", proj.name())))).collect()
+    adaptable_layers(unet).into_keys().filter(|p| is_cross_attention(p, projections)).collect()
+}
+
+/// Whether the UNet layer at `path` is one of cross-attention's `projections`.
+pub fn is_cross_attention(path: &str, projections: &[Projection]) -> bool {
+    projections.iter().any(|proj| path.strip_suffix(proj.name()).is_some_and(|p| p.ends_with("attn2.")))
 }
 
 /// A fresh trainable adapter for each target: `down` as kohya initialises it (kaiming-uniform

@@ -308,7 +308,7 @@ impl StableDiffusion {
 
 /// A UNet layer the instant seal edits (and reads): cross-attention's key and value projections.
 pub fn is_instant_seal_layer(path: &str) -> bool {
-    path.ends_with("attn2.to_k") || path.ends_with("attn2.to_v")
+    lora::is_cross_attention(path, &[lora::Projection::ToK, lora::Projection::ToV])
 }
 
 fn is_instant_seal_weight(key: &str) -> bool {
