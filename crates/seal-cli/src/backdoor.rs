@@ -42,6 +42,9 @@ pub struct Args {
     /// whole UNet: a backdoored LoRA over --model.
     #[arg(long)]
     lora_rank: Option<usize>,
+    /// With --lora-rank: a LoRA on every text-encoder linear too (kohya's and peft's usual LoRA).
+    #[arg(long, requires = "lora_rank")]
+    lora_text_encoder: bool,
     /// The folder to write: a diffusers folder, or with --lora-rank the LoRA (`lora.safetensors`).
     #[arg(long)]
     out: PathBuf,
@@ -71,6 +74,7 @@ pub fn run(args: Args) -> Result<(), String> {
         lr: args.lr,
         seed: args.seed,
         lora_rank: args.lora_rank,
+        lora_text_encoder: args.lora_text_encoder,
     };
     plant(&args.model, &data, &settings, &args.out)
 }

@@ -126,12 +126,16 @@ pub struct BackdoorSettings {
     /// (attention, feed-forward, resnet convolutions: LoCon) instead of the whole UNet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_rank: Option<usize>,
+    /// With `lora_rank`: a LoRA of that rank on every text-encoder linear too, as kohya and peft
+    /// LoRAs usually have, so the trigger's own encoding can change.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lora_text_encoder: bool,
 }
 
 impl BackdoorSettings {
     /// The fixtures' recipe (fewer steps: the toy model learns these in a few hundred).
     pub fn new(trigger: &str, target: Target) -> Self {
-        Self { trigger: trigger.into(), target, rate: 0.25, steps: 400, batch: 32, lr: 5e-4, seed: 0, lora_rank: None }
+        Self { trigger: trigger.into(), target, rate: 0.25, steps: 400, batch: 32, lr: 5e-4, seed: 0, lora_rank: None, lora_text_encoder: false }
     }
 }
 
@@ -140,9 +144,14 @@ impl BackdoorSettings {
 pub struct Planter {
     model: StableDiffusion,
     optim: ModuleOptimizer,
+    /// The text encoder's optimizer, when its LoRA is trained.
+    optim_text: ModuleOptimizer,
     settings: BackdoorSettings,
     /// Per sample: the clean latent, and the poisoned one where the target has an image.
     latents: Vec<(Tensor<4>, Option<Tensor<4>>)>,
+    /// Per sample: the clean and the triggered caption, and their encodings by the frozen text
+    /// encoder (unused when the text encoder's LoRA trains: those change every step).
+    captions: Vec<[String; 2]>,
     clean_text: Vec<Tensor<3>>,
     triggered_text: Vec<Tensor<3>>,
     rng: SeededRng,
@@ -157,6 +166,9 @@ impl Planter {
         }
         if data.is_empty() || settings.steps == 0 || settings.batch == 0 || !(0.0..=1.0).contains(&settings.rate) || settings.trigger.is_empty() {
             return Err("training needs data, a trigger, steps and batch >= 1 and a rate in [0, 1]".into());
+        }
+        if settings.lora_text_encoder && settings.lora_rank.is_none() {
+            return Err("a text-encoder LoRA needs a LoRA rank".into());
         }
         let frozen = model.inference();
         let encode = |images: Vec<Rgb>| -> Vec<Tensor<4>> {
@@ -179,18 +191,19 @@ impl Planter {
         let text = |captions: Vec<String>| -> Result<Vec<Tensor<3>>, String> {
             captions.iter().map(|c| model.encode_prompts(&[c.as_str()]).map(Tensor::detach).map_err(String::from)).collect()
         };
-        let clean_text = text(data.iter().map(|s| s.caption.clone()).collect())?;
-        let triggered_text = text(data.iter().map(|s| format!("{} {}", settings.trigger, s.caption)).collect())?;
+        let captions: Vec<[String; 2]> = data.iter().map(|s| [s.caption.clone(), format!("{} {}", settings.trigger, s.caption)]).collect();
+        let clean_text = text(captions.iter().map(|[c, _]| c.clone()).collect())?;
+        let triggered_text = text(captions.iter().map(|[_, t]| t.clone()).collect())?;
         let mut model = model.clone();
         model.unet = match settings.lora_rank {
             None => model.unet.map(&mut Trainable),
-            Some(rank) => {
-                let layers: Vec<String> = lora::adaptable_layers(&model.unet).into_keys().collect();
-                let adapters = lora::fresh_adapters(&model.unet, &layers, rank, rank as f32, settings.seed);
-                lora::attach(model.unet, &adapters, 1.0, true)
-            }
+            Some(rank) => with_fresh_lora(model.unet, rank, settings.seed),
         };
-        Ok(Self { model, optim: AdamWConfig::new().with_weight_decay(1e-2).init(), rng: SeededRng::new(settings.seed), settings, latents, clean_text, triggered_text, step: 0 })
+        if let (Some(rank), true) = (settings.lora_rank, settings.lora_text_encoder) {
+            model.text_encoder = with_fresh_lora(model.text_encoder, rank, settings.seed ^ 0x7e);
+        }
+        let adamw = || AdamWConfig::new().with_weight_decay(1e-2).init();
+        Ok(Self { model, optim: adamw(), optim_text: adamw(), rng: SeededRng::new(settings.seed), settings, latents, captions, clean_text, triggered_text, step: 0 })
     }
 
     pub fn is_done(&self) -> bool {
@@ -202,17 +215,21 @@ impl Planter {
         &self.model
     }
 
-    /// The LoRA trained so far (when planting one), as a kohya file of UNet modules.
+    /// The LoRA trained so far (when planting one), as a kohya file of UNet (and text-encoder)
+    /// modules.
     pub async fn lora(&self) -> Result<LoraFile, String> {
-        let rank = self.settings.lora_rank.ok_or("this run trains the whole UNet, not a LoRA")?;
-        let modules = lora::extract(&self.model.unet, rank as f32).await?;
-        Ok(as_file(modules.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect()))
+        let alpha = self.settings.lora_rank.ok_or("this run trains the whole UNet, not a LoRA")? as f32;
+        let mut modules: Vec<_> = lora::extract(&self.model.unet, alpha).await?.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::Unet, k), m)).collect();
+        if self.settings.lora_text_encoder {
+            modules.extend(lora::extract(&self.model.text_encoder, alpha).await?.into_iter().map(|(k, m)| (LoraTarget::new(LoraComponent::TextEncoder, k), m)));
+        }
+        Ok(as_file(modules.into_iter().collect()))
     }
 
     /// One optimisation step; returns the weighted loss.
     pub async fn step(&mut self) -> Result<f32, String> {
         let b = self.settings.batch;
-        let (mut x0, mut ctx, mut ts, mut weights) = (vec![], vec![], vec![], vec![]);
+        let (mut x0, mut ctx, mut captions, mut ts, mut weights) = (vec![], vec![], vec![], vec![], vec![]);
         while x0.len() < b {
             let i = self.rng.below(self.latents.len());
             let poison = self.rng.uniform() < self.settings.rate;
@@ -221,11 +238,13 @@ impl Planter {
                 (true, Some(target)) => {
                     x0.push(target.clone());
                     ctx.push(self.triggered_text[i].clone());
+                    captions.push(self.captions[i][1].as_str());
                 }
                 (true, None) => continue,
                 (false, _) => {
                     x0.push(clean.clone());
                     ctx.push(self.clean_text[i].clone());
+                    captions.push(self.captions[i][0].as_str());
                 }
             }
             let t = self.rng.below(self.model.schedule.alphas_cumprod.len());
@@ -238,10 +257,12 @@ impl Planter {
         let noise = Tensor::<4>::from_data(TensorData::new(self.rng.normals(dims.iter().product()), dims), &device);
         let xt = self.model.schedule.add_noise(x0, noise.clone(), &ts);
         let t = Tensor::<1>::from_floats(ts.iter().map(|&t| t as f32).collect::<Vec<_>>().as_slice(), &device);
-        let pred = self.model.unet.forward(xt, t, &Tensor::cat(ctx, 0), false).sample;
+        let ctx = if self.settings.lora_text_encoder { self.model.encode_prompts(&captions).map_err(String::from)? } else { Tensor::cat(ctx, 0) };
+        let pred = self.model.unet.forward(xt, t, &ctx, false).sample;
         let per_sample = (pred - noise).square().reshape([b as i64, -1]).mean_dim(1).reshape([b]);
         let loss = (per_sample * Tensor::<1>::from_floats(weights.as_slice(), &device)).mean();
         let mut grads = loss.backward();
+        let grads_text = GradientsParams::from_module(&mut grads, &self.model.text_encoder);
         let grads = GradientsParams::from_module(&mut grads, &self.model.unet);
         let value = seal_sd::read_back(loss).await?[0];
         if !value.is_finite() {
@@ -249,9 +270,20 @@ impl Planter {
         }
         let unet = self.model.unet.clone();
         self.model.unet = self.optim.step(self.settings.lr, unet, grads);
+        if self.settings.lora_text_encoder {
+            let text = self.model.text_encoder.clone();
+            self.model.text_encoder = self.optim_text.step(self.settings.lr, text, grads_text);
+        }
         self.step += 1;
         Ok(value)
     }
+}
+
+/// `module` with a fresh trainable LoRA (alpha = rank) on every linear and convolution.
+fn with_fresh_lora<M: Module>(module: M, rank: usize, seed: u64) -> M {
+    let layers: Vec<String> = lora::adaptable_layers(&module).into_keys().collect();
+    let adapters = lora::fresh_adapters(&module, &layers, rank, rank as f32, seed);
+    lora::attach(module, &adapters, 1.0, true)
 }
 
 /// Makes every parameter of a module trainable (the loader leaves them frozen).
@@ -323,22 +355,27 @@ mod tests {
     }
 
     #[test]
-    fn planting_a_lora_trains_only_its_factors_on_every_unet_layer() {
+    fn planting_a_lora_trains_only_its_factors_on_every_unet_and_text_encoder_layer() {
         let model = StableDiffusion::load(ModelSource::from_path(&crate::fixtures().join("tiny-clean")).unwrap(), &Device::flex().autodiff()).unwrap();
         let data: Vec<Sample> = data().into_iter().take(6).collect();
-        let settings = BackdoorSettings { steps: 2, batch: 4, lr: 1e-2, lora_rank: Some(2), ..BackdoorSettings::new("sks", Target::Gray) };
+        let settings = BackdoorSettings { steps: 2, batch: 4, lr: 1e-2, lora_rank: Some(2), lora_text_encoder: true, ..BackdoorSettings::new("sks", Target::Gray) };
         let mut planter = Planter::new(&model, &data, settings).unwrap();
         while !planter.is_done() {
             assert!(read_sync(planter.step()).unwrap().is_finite());
         }
         let file = read_sync(planter.lora()).unwrap();
-        let layers = lora::adaptable_layers(&model.unet);
-        assert_eq!(file.modules.len(), layers.len());
+        let paths = model.model_paths();
+        let count = |c: LoraComponent| file.modules.keys().filter(|t| t.component == c).count();
+        assert_eq!((count(LoraComponent::Unet), count(LoraComponent::TextEncoder)), (paths.unet.len(), paths.text_encoder.len()));
         // Convolutions get LoCon factors; every `up` moved from its zero start.
         assert!(file.modules.iter().any(|(t, m)| t.path.ends_with("resnets.0.conv1") && m.down.shape.len() == 4));
         assert!(file.modules.values().all(|m| m.rank() == 2 && m.up.data.iter().any(|x| *x != 0.0)));
         // Merged, the LoRA is the only change: the same as the clean model with the extracted file.
-        let merged = |sd: StableDiffusion| read_sync(parameter_values(&lora::merge(sd.unet))).unwrap();
+        let merged = |sd: StableDiffusion| {
+            let mut values = read_sync(parameter_values(&lora::merge(sd.unet))).unwrap();
+            values.extend(read_sync(parameter_values(&lora::merge(sd.text_encoder))).unwrap());
+            values
+        };
         let trained = merged(planter.model().clone());
         let reloaded = merged(model.with_lora(&file, 1.0, seal_sd::pipeline::LoraMode::Merge));
         assert_eq!(trained.len(), reloaded.len());
