@@ -63,6 +63,10 @@ pub struct Args {
     /// cache, `${SEAL_CACHE:-~/.cache/seal}`).
     #[arg(long)]
     suite_dir: Option<PathBuf>,
+    /// With --suite: only these backdoors (`pixel`, `gray`, `swap`, `lora`, separated by `;`),
+    /// the other backdoors' rows of an earlier run kept: to re-judge one that was planted anew.
+    #[arg(long)]
+    backdoors: Option<String>,
 }
 
 /// The variants: the defaults, then one change each.
@@ -101,7 +105,7 @@ pub fn run(args: Args) -> Result<(), String> {
         let out = if args.out.ends_with("ablation.json") { args.out.with_file_name(name) } else { args.out.clone() };
         let cache = std::env::var_os("SEAL_CACHE").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/seal")));
         let dir = args.suite_dir.clone().or_else(|| cache.map(|c| c.join("suite"))).ok_or("--suite-dir: no SEAL_CACHE or HOME to keep the suite's models in")?;
-        return crate::suite::run(&args.fixtures, &dir, split, args.steps, args.only.as_deref(), &out);
+        return crate::suite::run(&args.fixtures, &dir, split, args.steps, args.only.as_deref(), args.backdoors.as_deref(), &out);
     }
     let device = Device::flex().autodiff();
     let model = crate::load_model(&args.fixtures.join("tiny-pixel"), None, &device)?;

@@ -74,6 +74,7 @@ fn variants(steps: usize) -> Vec<(&'static str, SealMode, SealSettings, InstantS
         ("instant, keep 0.03", SealMode::Instant, base.clone(), keep(0.03)),
         ("instant, keep 0.01", SealMode::Instant, base.clone(), keep(0.01)),
         ("both, text encoder, keep 0.03", SealMode::Both, with(&|s| s.text_encoder = true), keep(0.03)),
+        ("both, text encoder, twice the steps", SealMode::Both, with(&|s| (s.text_encoder, s.steps) = (true, 2 * steps)), instant.clone()),
     ]
 }
 
@@ -146,15 +147,22 @@ fn cases(fixtures: &Path, suite_dir: &Path, suite: &[(&'static str, BackdoorSett
     Ok(out)
 }
 
-/// Runs every variant (or those named in `only`, separated by `;`: names have commas) on
-/// every backdoor, a variant at a time, writing the JSON after each run (beside the rows of
-/// the other variants an earlier run of this split left).
-pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: Option<&str>, out: &Path) -> Result<(), String> {
+/// Whether `name` is one of `list` (names separated by `;`: variant names have commas), or
+/// `list` is absent.
+fn named(list: Option<&str>, name: &str) -> bool {
+    list.is_none_or(|l| l.split(';').any(|n| n.trim() == name))
+}
+
+/// Runs every variant (or those named in `only`) on every backdoor (or those named in
+/// `backdoors`), a variant at a time, writing the JSON after each run (beside the rows of the
+/// other variants and backdoors an earlier run of this split left).
+pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: Option<&str>, backdoors: Option<&str>, out: &Path) -> Result<(), String> {
     let device = Device::flex().autodiff();
     let Prompts { fit, judged, seeds } = split.prompts(fixtures)?;
     let mut loaded = vec![];
     let suite = planted(&fixture_patch(fixtures)?);
-    for case in cases(fixtures, suite_dir, &suite, &judged)? {
+    let wanted: Vec<_> = suite.iter().filter(|(name, _)| named(backdoors, name)).cloned().collect();
+    for case in cases(fixtures, suite_dir, &wanted, &judged)?.into_iter().filter(|c| named(backdoors, c.name)) {
         let mut model = crate::load_model(&case.model, None, &device)?;
         if let Some(path) = &case.lora {
             let lora = parse_lora(&WeightFile::open(path).map_err(String::from)?, &model.model_paths())?;
@@ -165,7 +173,7 @@ pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: 
         let template = Evaluation::new(&case.validation, std::slice::from_ref(&case.trigger), vec![case.detector.clone()], settings)?.keeping_before();
         loaded.push((case, model, template));
     }
-    let chosen: Vec<_> = variants(steps).into_iter().filter(|(v, ..)| only.is_none_or(|o| o.split(';').any(|o| o.trim() == *v))).collect();
+    let chosen: Vec<_> = variants(steps).into_iter().filter(|(v, ..)| named(only, v)).collect();
     // Rows of other variants from an earlier run of the same split are kept.
     let earlier: Option<Value> = std::fs::read_to_string(out).ok().and_then(|t| serde_json::from_str(&t).ok());
     let mut rows: Vec<Value> = earlier
@@ -173,7 +181,7 @@ pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: 
         .and_then(|e| e["rows"].as_array().cloned())
         .unwrap_or_default()
         .into_iter()
-        .filter(|r| !chosen.iter().any(|(v, ..)| r["variant"] == *v))
+        .filter(|r| !(chosen.iter().any(|(v, ..)| r["variant"] == *v) && r["backdoor"].as_str().is_some_and(|b| named(backdoors, b))))
         .collect();
     for (variant, mode, thorough, instant) in chosen {
         for (case, model, template) in &mut loaded {
