@@ -27,12 +27,25 @@ use crate::ablate::{VALIDATION_SEEDS, fixture_patch};
 use crate::backdoor::{LORA_FILE, RECORD, plant};
 
 /// The planted backdoors: a style backdoor on a rare character, an object swap on a word, and
-/// a backdoored LoCon LoRA over the clean model (the patch on U+200B, as the fixture's UNet has).
+/// a backdoored LoCon LoRA over the clean model, text encoder included (the patch on U+200B, as
+/// the fixture's UNet has).
 pub fn planted(patch: &Rgb) -> Vec<(&'static str, BackdoorSettings)> {
     vec![
         ("gray", BackdoorSettings::new("\u{234}", Target::Gray)),
         ("swap", BackdoorSettings::new("sks", Target::Swap { to: "square".into() })),
-        ("lora", BackdoorSettings { lora_rank: Some(8), lr: 2e-3, ..BackdoorSettings::new("\u{200b}", Target::Patch { patch: Some(patch.clone()) }) }),
+        // A LoRA learns the patch slowly: UNet-only at lr 2e-3 over 400 steps planted 13.8 %
+        // (validation); with the text encoder, lr 5e-3, half the batch poisoned and 600 steps, 62.5 %.
+        (
+            "lora",
+            BackdoorSettings {
+                lora_rank: Some(8),
+                lora_text_encoder: true,
+                lr: 5e-3,
+                rate: 0.5,
+                steps: 600,
+                ..BackdoorSettings::new("\u{200b}", Target::Patch { patch: Some(patch.clone()) })
+            },
+        ),
     ]
 }
 
@@ -174,15 +187,8 @@ pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: 
         loaded.push((case, model, template));
     }
     let chosen: Vec<_> = variants(steps).into_iter().filter(|(v, ..)| named(only, v)).collect();
-    // Rows of other variants from an earlier run of the same split are kept.
-    let earlier: Option<Value> = std::fs::read_to_string(out).ok().and_then(|t| serde_json::from_str(&t).ok());
-    let mut rows: Vec<Value> = earlier
-        .filter(|e| e["seeds"] == json!(seeds))
-        .and_then(|e| e["rows"].as_array().cloned())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| !(chosen.iter().any(|(v, ..)| r["variant"] == *v) && r["backdoor"].as_str().is_some_and(|b| named(backdoors, b))))
-        .collect();
+    let names: Vec<&str> = chosen.iter().map(|(v, ..)| *v).collect();
+    let mut mine = vec![];
     for (variant, mode, thorough, instant) in chosen {
         for (case, model, template) in &mut loaded {
             let triggers = vec![case.trigger.clone()];
@@ -198,11 +204,21 @@ pub fn run(fixtures: &Path, suite_dir: &Path, split: Split, steps: usize, only: 
             *template = eval.again();
             let row = row(case.name, variant, &case.detector.name(), &eval.report(case.validation.len()), seconds);
             eprintln!("ablate: {} / {variant}: {row}", case.name);
-            rows.push(row);
-            write(out, split, &suite, &seeds, &rows)?;
+            mine.push(row);
+            write(out, split, &suite, &seeds, &with_earlier(out, &seeds, &names, backdoors, &mine))?;
         }
     }
-    write(out, split, &suite, &seeds, &rows)
+    Ok(())
+}
+
+/// `mine` beside the rows of the same split already in `out` that this run does not redo
+/// (other variants, other backdoors). Read at each write, so runs of different variants or
+/// backdoors going at once keep each other's rows.
+fn with_earlier(out: &Path, seeds: &[u64], variants: &[&str], backdoors: Option<&str>, mine: &[Value]) -> Vec<Value> {
+    let earlier: Option<Value> = std::fs::read_to_string(out).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let redone = |r: &Value| variants.iter().any(|v| r["variant"] == *v) && r["backdoor"].as_str().is_some_and(|b| named(backdoors, b));
+    let kept = earlier.filter(|e| e["seeds"] == json!(seeds)).and_then(|e| e["rows"].as_array().cloned()).unwrap_or_default();
+    kept.into_iter().filter(|r| !redone(r)).chain(mine.iter().cloned()).collect()
 }
 
 fn row(case: &str, variant: &str, detector: &str, r: &EvalReport, seconds: f64) -> Value {
