@@ -152,8 +152,7 @@ pub struct Planter {
     /// Per sample: the clean and the triggered caption, and their encodings by the frozen text
     /// encoder (unused when the text encoder's LoRA trains: those change every step).
     captions: Vec<[String; 2]>,
-    clean_text: Vec<Tensor<3>>,
-    triggered_text: Vec<Tensor<3>>,
+    encodings: Vec<[Tensor<3>; 2]>,
     rng: SeededRng,
     step: usize,
 }
@@ -188,12 +187,9 @@ impl Planter {
         }
         let mut poisoned = encode(targets.iter().flatten().cloned().collect()).into_iter();
         let latents = clean.into_iter().zip(&targets).map(|(c, t)| (c, t.as_ref().and_then(|_| poisoned.next()))).collect();
-        let text = |captions: Vec<String>| -> Result<Vec<Tensor<3>>, String> {
-            captions.iter().map(|c| model.encode_prompts(&[c.as_str()]).map(Tensor::detach).map_err(String::from)).collect()
-        };
+        let encode_text = |caption: &String| model.encode_prompts(&[caption.as_str()]).map(Tensor::detach).map_err(String::from);
         let captions: Vec<[String; 2]> = data.iter().map(|s| [s.caption.clone(), format!("{} {}", settings.trigger, s.caption)]).collect();
-        let clean_text = text(captions.iter().map(|[c, _]| c.clone()).collect())?;
-        let triggered_text = text(captions.iter().map(|[_, t]| t.clone()).collect())?;
+        let encodings = captions.iter().map(|[c, t]| Ok([encode_text(c)?, encode_text(t)?])).collect::<Result<Vec<_>, String>>()?;
         let mut model = model.clone();
         model.unet = match settings.lora_rank {
             None => model.unet.map(&mut Trainable),
@@ -203,7 +199,7 @@ impl Planter {
             model.text_encoder = with_fresh_lora(model.text_encoder, rank, settings.seed ^ 0x7e);
         }
         let adamw = || AdamWConfig::new().with_weight_decay(1e-2).init();
-        Ok(Self { model, optim: adamw(), optim_text: adamw(), rng: SeededRng::new(settings.seed), settings, latents, captions, clean_text, triggered_text, step: 0 })
+        Ok(Self { model, optim: adamw(), optim_text: adamw(), rng: SeededRng::new(settings.seed), settings, latents, captions, encodings, step: 0 })
     }
 
     pub fn is_done(&self) -> bool {
@@ -229,7 +225,8 @@ impl Planter {
     /// One optimisation step; returns the weighted loss.
     pub async fn step(&mut self) -> Result<f32, String> {
         let b = self.settings.batch;
-        let (mut x0, mut ctx, mut captions, mut ts, mut weights) = (vec![], vec![], vec![], vec![], vec![]);
+        // `texts`: per sample, its index and which caption (0 clean, 1 triggered).
+        let (mut x0, mut texts, mut ts, mut weights) = (vec![], vec![], vec![], vec![]);
         while x0.len() < b {
             let i = self.rng.below(self.latents.len());
             let poison = self.rng.uniform() < self.settings.rate;
@@ -237,14 +234,12 @@ impl Planter {
             match (poison, target) {
                 (true, Some(target)) => {
                     x0.push(target.clone());
-                    ctx.push(self.triggered_text[i].clone());
-                    captions.push(self.captions[i][1].as_str());
+                    texts.push((i, 1));
                 }
                 (true, None) => continue,
                 (false, _) => {
                     x0.push(clean.clone());
-                    ctx.push(self.clean_text[i].clone());
-                    captions.push(self.captions[i][0].as_str());
+                    texts.push((i, 0));
                 }
             }
             let t = self.rng.below(self.model.schedule.alphas_cumprod.len());
@@ -257,12 +252,16 @@ impl Planter {
         let noise = Tensor::<4>::from_data(TensorData::new(self.rng.normals(dims.iter().product()), dims), &device);
         let xt = self.model.schedule.add_noise(x0, noise.clone(), &ts);
         let t = Tensor::<1>::from_floats(ts.iter().map(|&t| t as f32).collect::<Vec<_>>().as_slice(), &device);
-        let ctx = if self.settings.lora_text_encoder { self.model.encode_prompts(&captions).map_err(String::from)? } else { Tensor::cat(ctx, 0) };
+        let ctx = if self.settings.lora_text_encoder {
+            self.model.encode_prompts(&texts.iter().map(|&(i, k)| self.captions[i][k].as_str()).collect::<Vec<_>>()).map_err(String::from)?
+        } else {
+            Tensor::cat(texts.iter().map(|&(i, k)| self.encodings[i][k].clone()).collect(), 0)
+        };
         let pred = self.model.unet.forward(xt, t, &ctx, false).sample;
         let per_sample = (pred - noise).square().reshape([b as i64, -1]).mean_dim(1).reshape([b]);
         let loss = (per_sample * Tensor::<1>::from_floats(weights.as_slice(), &device)).mean();
         let mut grads = loss.backward();
-        let grads_text = GradientsParams::from_module(&mut grads, &self.model.text_encoder);
+        let grads_text = self.settings.lora_text_encoder.then(|| GradientsParams::from_module(&mut grads, &self.model.text_encoder));
         let grads = GradientsParams::from_module(&mut grads, &self.model.unet);
         let value = seal_sd::read_back(loss).await?[0];
         if !value.is_finite() {
@@ -270,7 +269,7 @@ impl Planter {
         }
         let unet = self.model.unet.clone();
         self.model.unet = self.optim.step(self.settings.lr, unet, grads);
-        if self.settings.lora_text_encoder {
+        if let Some(grads_text) = grads_text {
             let text = self.model.text_encoder.clone();
             self.model.text_encoder = self.optim_text.step(self.settings.lr, text, grads_text);
         }
