@@ -150,7 +150,7 @@ pub struct Planter {
     /// Per sample: the clean latent, and the poisoned one where the target has an image.
     latents: Vec<(Tensor<4>, Option<Tensor<4>>)>,
     /// Per sample: the clean and the triggered caption, and their encodings by the frozen text
-    /// encoder (unused when the text encoder's LoRA trains: those change every step).
+    /// encoder (none when the text encoder's LoRA trains: those change every step).
     captions: Vec<[String; 2]>,
     encodings: Vec<[Tensor<3>; 2]>,
     rng: SeededRng,
@@ -189,7 +189,9 @@ impl Planter {
         let latents = clean.into_iter().zip(&targets).map(|(c, t)| (c, t.as_ref().and_then(|_| poisoned.next()))).collect();
         let encode_text = |caption: &String| model.encode_prompts(&[caption.as_str()]).map(Tensor::detach).map_err(String::from);
         let captions: Vec<[String; 2]> = data.iter().map(|s| [s.caption.clone(), format!("{} {}", settings.trigger, s.caption)]).collect();
-        let encodings = captions.iter().map(|[c, t]| Ok([encode_text(c)?, encode_text(t)?])).collect::<Result<Vec<_>, String>>()?;
+        // A trained text encoder encodes each batch afresh: nothing to encode ahead.
+        let ahead = if settings.lora_text_encoder { &captions[..0] } else { &captions[..] };
+        let encodings = ahead.iter().map(|[c, t]| Ok([encode_text(c)?, encode_text(t)?])).collect::<Result<Vec<_>, String>>()?;
         let mut model = model.clone();
         model.unet = match settings.lora_rank {
             None => model.unet.map(&mut Trainable),
