@@ -71,11 +71,14 @@ install_playwright() {
   fi
 }
 
-# The page's module: seal-web for wasm32 in the size profile, then the JS glue into dist/.
+# The page's module: seal-web for wasm32 in the size profile, then the JS glue into dist/. It has
+# a target dir of its own: cargo locks a target dir for a whole build, and apart from the native
+# one it can build beside it (its single-unit LTO alone keeps one core busy for minutes).
 build_wasm() {
-  cargo build --quiet -p seal-web --target "$WASM_TARGET" --profile wasm
+  local target_dir="$CACHE/target-wasm"
+  CARGO_TARGET_DIR="$target_dir" cargo build --quiet -p seal-web --target "$WASM_TARGET" --profile wasm
   "$TOOLS/bin/wasm-bindgen" --target web --no-typescript --remove-name-section \
-    --remove-producers-section --out-dir dist "$CARGO_TARGET_DIR/$WASM_TARGET/wasm/seal_web.wasm"
+    --remove-producers-section --out-dir dist "$target_dir/$WASM_TARGET/wasm/seal_web.wasm"
   log "dist/seal_web_bg.wasm: $(stat -c %s dist/seal_web_bg.wasm) bytes," \
     "$(gzip -9 -c dist/seal_web_bg.wasm | wc -c) gzipped"
 }
@@ -94,30 +97,49 @@ cmd_serve() {
 # suite NAME COMMAND...: runs a test suite; a failure is recorded and the next suite still runs.
 FAILED=()
 suite() {
-  local name=$1 start=$SECONDS
+  local name=$1 start=$SECONDS rc=0
   shift
-  if "$@"; then
-    log "$name: passed in $((SECONDS - start)) s"
+  "$@" || rc=$?
+  verdict "$name" "$rc" "$start"
+}
+
+# verdict NAME STATUS START: says how a suite went and records a failure.
+verdict() {
+  if [ "$2" -eq 0 ]; then
+    log "$1: passed in $((SECONDS - $3)) s"
   else
-    log "$name: FAILED after $((SECONDS - start)) s"
-    FAILED+=("$name")
+    log "$1: FAILED after $((SECONDS - $3)) s"
+    FAILED+=("$1")
   fi
 }
 
 cmd_test() {
   local start=$SECONDS
+  trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
   phase "chromium" install_chromium
   phase "playwright-core" install_playwright
-  cmd_wasm
   phase "lint tools" install_lint_tools
+  # The page's module builds beside the native targets (see build_wasm).
+  cmd_wasm &
+  local wasm=$!
   # Every native target at once: the CLI the browser tests drive and the test binaries share one
   # feature resolution, so `cargo test` builds nothing again (built apart, the dependencies were
   # compiled twice: ~7 min of a cold run).
   phase "native build" cargo build --quiet --workspace --all-targets
+  wait "$wasm" || { log "the page's wasm build FAILED"; exit 1; }
   export SEAL_BIN="$CARGO_TARGET_DIR/debug/seal"
+  # The browser tests keep about one core busy (the page's CPU engine is single-threaded wasm),
+  # so they run beside lint and the native tests; their output follows when they end.
+  local browser_log browser_start=$SECONDS browser_rc=0
+  browser_log=$(mktemp)
+  node --test tests/ >"$browser_log" 2>&1 &
+  local browser=$!
   suite "rustfmt and clippy" lint
   suite "native tests" cargo test --quiet --workspace --no-fail-fast
-  suite "browser tests" node --test tests/
+  wait "$browser" || browser_rc=$?
+  cat "$browser_log"
+  rm -f "$browser_log"
+  verdict "browser tests" "$browser_rc" "$browser_start"
   if [ ${#FAILED[@]} -gt 0 ]; then
     log "FAILED: ${FAILED[*]} ($((SECONDS - start)) s)"
     exit 1

@@ -1,8 +1,8 @@
 //! Acceptance on the pixel-backdoored fixture (made with PyTorch, trained by nobody here): seal
 //! with default settings on its training prompts, judge on its held-out prompts with the patch
 //! detector, every (prompt, seed) pair with its own noise, at seeds no default was chosen on
-//! (the ablations use a validation split of the training prompts and seeds from 100). The two
-//! tests run side by side in one binary.
+//! (the ablations use a validation split of the training prompts and seeds from 100). One test
+//! for the backdoor type, judging both modes a user picks from against the same original images.
 //!
 //! SKD-CAG alone with its defaults (issue 6's recipe) no longer meets 1 % under this judgement:
 //! 95.6 % -> 6.25 % attack success on the same 160 pairs (clean PSNR 30.2 dB); it met 0.6 %
@@ -46,16 +46,20 @@ fn seal(model: &StableDiffusion, mode: SealMode) -> LoraFile {
     reloaded
 }
 
-/// The model with and without `adapter` on the 40 held-out prompts x seeds 0..4, patch detector;
-/// asserts what every mode must meet: at most 1 % attack success, no new false triggers.
-fn judge(model: &StableDiffusion, adapter: &LoraFile, mode: SealMode) -> EvalReport {
-    let sealed = model.with_lora(adapter, 1.0, LoraMode::SideBranch { trainable: false });
+/// The 40 held-out prompts x seeds 0..4, patch detector; keeps the original model's images so
+/// that a second adapter is judged against the same ones.
+fn heldout_evaluation() -> Evaluation {
     let patch = Rgb::from_png("patch.png", &std::fs::read(fixtures().join("patch.png")).unwrap()).unwrap();
     let settings = EvalSettings { seeds: vec![0, 1, 2, 3], effect: false, batch: 20, ..EvalSettings::default() };
-    let heldout = prompts("heldout.txt");
-    let mut eval = Evaluation::new(&heldout, &[TRIGGER.to_string()], vec![Detector::patch(patch, 0, 0)], settings).unwrap();
+    Evaluation::new(&prompts("heldout.txt"), &[TRIGGER.to_string()], vec![Detector::patch(patch, 0, 0)], settings).unwrap().keeping_before()
+}
+
+/// The model with and without `adapter` under `eval`; asserts what every mode must meet: at
+/// most 1 % attack success, no new false triggers.
+fn judge(model: &StableDiffusion, adapter: &LoraFile, mode: SealMode, eval: &mut Evaluation) -> EvalReport {
+    let sealed = model.with_lora(adapter, 1.0, LoraMode::SideBranch { trainable: false });
     while read_sync(eval.step(model, Some(&sealed))).unwrap().is_some() {}
-    let report = eval.report(heldout.len());
+    let report = eval.report(40);
     eprintln!("{mode:?}: {}", serde_json::to_string_pretty(&report).unwrap());
     let after = report.after.as_ref().unwrap();
     assert_eq!(after.pairs, 160);
@@ -66,24 +70,31 @@ fn judge(model: &StableDiffusion, adapter: &LoraFile, mode: SealMode) -> EvalRep
     report
 }
 
-#[test]
-fn the_instant_seal_removes_the_pixel_backdoor_on_heldout_prompts() {
-    // No UNet forward, so no autodiff device needed.
-    let model = StableDiffusion::load(ModelSource::from_path(&fixtures().join("tiny-pixel")).unwrap(), &Device::flex()).unwrap();
-    let adapter = seal(&model, SealMode::Instant);
-    let summary: serde_json::Value = serde_json::from_str(&adapter.metadata["seal_instant"]).unwrap();
-    assert_eq!(summary["layers"].as_object().unwrap().len(), 12);
-    assert_eq!(summary["max_relative_error"], 0.0, "the tiny model's edit fits the rank exactly");
-    let report = judge(&model, &adapter, SealMode::Instant);
-    assert!(report.clean_psnr_db_mean.unwrap() >= 28.0, "clean fidelity: {:?} dB", report.clean_psnr_db_mean);
+fn load(device: &Device) -> StableDiffusion {
+    StableDiffusion::load(ModelSource::from_path(&fixtures().join("tiny-pixel")).unwrap(), device).unwrap()
 }
 
+/// The default seal trains on its own thread (on an autodiff device) while the instant seal,
+/// which needs no UNet forward, is made and judged; the default's adapter is then judged on the
+/// same model against the original images already generated.
 #[test]
-fn the_default_seal_removes_the_pixel_backdoor_on_heldout_prompts() {
-    let model = StableDiffusion::load(ModelSource::from_path(&fixtures().join("tiny-pixel")).unwrap(), &Device::flex().autodiff()).unwrap();
-    assert_eq!(SealMode::default(), SealMode::Both, "instant, then thorough");
-    let adapter = seal(&model, SealMode::default());
-    assert_eq!(adapter.metadata["seal_thorough_steps"], SealSettings::default().steps.to_string());
-    let report = judge(&model, &adapter, SealMode::Both);
-    assert!(report.clean_psnr_db_mean.unwrap() >= 25.0, "clean fidelity: {:?} dB", report.clean_psnr_db_mean);
+fn the_instant_and_default_seals_remove_the_pixel_backdoor_on_heldout_prompts() {
+    let (model, eval, default) = std::thread::scope(|s| {
+        let default = s.spawn(|| {
+            assert_eq!(SealMode::default(), SealMode::Both, "instant, then thorough");
+            seal(&load(&Device::flex().autodiff()), SealMode::default())
+        });
+        let model = load(&Device::flex());
+        let instant = seal(&model, SealMode::Instant);
+        let summary: serde_json::Value = serde_json::from_str(&instant.metadata["seal_instant"]).unwrap();
+        assert_eq!(summary["layers"].as_object().unwrap().len(), 12);
+        assert_eq!(summary["max_relative_error"], 0.0, "the tiny model's edit fits the rank exactly");
+        let mut eval = heldout_evaluation();
+        let report = judge(&model, &instant, SealMode::Instant, &mut eval);
+        assert!(report.clean_psnr_db_mean.unwrap() >= 28.0, "instant: clean fidelity {:?} dB", report.clean_psnr_db_mean);
+        (model, eval, default.join().unwrap())
+    });
+    assert_eq!(default.metadata["seal_thorough_steps"], SealSettings::default().steps.to_string());
+    let report = judge(&model, &default, SealMode::Both, &mut eval.again());
+    assert!(report.clean_psnr_db_mean.unwrap() >= 25.0, "default: clean fidelity {:?} dB", report.clean_psnr_db_mean);
 }
