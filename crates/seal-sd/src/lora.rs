@@ -40,6 +40,10 @@ pub enum Projection {
 }
 
 impl Projection {
+    /// The projections the text reaches: cross-attention's keys and values are computed from the
+    /// text encoder's states, its queries and output from the image's.
+    pub const FROM_TEXT: [Self; 2] = [Self::ToK, Self::ToV];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::ToQ => "to_q",

@@ -120,7 +120,7 @@ impl Default for InstantSettings {
             preserve_weight: 0.1,
             rows: EditRows::All,
             trigger_rows: TriggerRows::Bos,
-            targets: vec![Projection::ToK, Projection::ToV],
+            targets: Projection::FROM_TEXT.to_vec(),
             placements: vec![Placement::Prefix],
             max_rank: 64,
             chunk: 8,
@@ -133,7 +133,7 @@ impl InstantSettings {
     /// The schema's ranges, then the projections only the text reaches.
     pub fn validate(&self) -> Result<(), String> {
         crate::settings::check("instant settings", self)?;
-        if self.targets.iter().any(|t| !matches!(t, Projection::ToK | Projection::ToV)) {
+        if self.targets.iter().any(|t| !Projection::FROM_TEXT.contains(t)) {
             return Err("instant settings: targets must be to_k and/or to_v (only they see the text)".into());
         }
         Ok(())

@@ -308,7 +308,7 @@ impl StableDiffusion {
 
 /// A UNet layer the instant seal edits (and reads): cross-attention's key and value projections.
 pub fn is_instant_seal_layer(path: &str) -> bool {
-    lora::is_cross_attention(path, &[lora::Projection::ToK, lora::Projection::ToV])
+    lora::is_cross_attention(path, &lora::Projection::FROM_TEXT)
 }
 
 fn is_instant_seal_weight(key: &str) -> bool {
