@@ -47,6 +47,8 @@ test("the demo: load, seal a few steps with the page responsive, compare, downlo
     // rank is at most the tiny model's text width (32), here 31 (layer-norm outputs differ
     // only within a 31-dimensional subspace).
     await page.check("#mode input[value=instant]");
+    for (const shown of ["#settings", "#advanced"]) assert.ok(await page.isHidden(shown), `${shown}: the thorough seal's settings mean nothing to the instant seal`);
+    assert.ok(await page.isVisible("#instant-settings-box"));
     await page.click("#seal");
     await page.waitForSelector("#compare-section:not([hidden])", { timeout: 240_000 });
     assert.match(await page.textContent("#verdict"), /^Made by the instant seal\. (Sealed: |The backdoor survived: |The trigger did not fire)/);
@@ -61,6 +63,7 @@ test("the demo: load, seal a few steps with the page responsive, compare, downlo
     assert.ok(!("seal_settings" in instantFile.metadata), "no thorough settings in an instant adapter");
     await shot(page, "app-1b-instant");
     await page.check("#mode input[value=both]");
+    for (const shown of ["#settings", "#advanced", "#instant-settings-box"]) assert.ok(await page.isVisible(shown), shown);
 
     await page.click("#seal");
     await page.waitForSelector("#progress-text[data-step='1']", { timeout: 120_000 });

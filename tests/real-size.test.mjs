@@ -108,6 +108,7 @@ test("SD 1.5 (2 GiB f16) on the CPU engine loads for the instant seal alone and 
     assert.match(await page.textContent("#task"), /Loaded for the instant seal only: only the text encoder and the UNet's cross-attention keys and values were loaded \(0\.\d+ GiB as f32\).*4\.0 GiB, more than the 3\.0 GiB this engine can hold; .*WebGPU/);
     assert.ok(await page.isChecked("#mode input[value=instant]"));
     for (const off of ["#mode input[value=thorough]", "#mode input[value=both]", "#scan"]) assert.ok(await page.isDisabled(off), off);
+    assert.ok(await page.isHidden("#settings"), "no thorough settings for a model loaded for the instant seal alone");
     const loaded = Number(await page.getAttribute("#memory", "data-peak"));
     await page.setInputFiles("#lora-file", path.join(sd15, "lora-rank16.safetensors"));
     await page.waitForSelector("#lora-rank", { timeout: 300_000 });

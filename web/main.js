@@ -312,6 +312,7 @@ function showModel(info) {
     $("#mode input[value=instant]").checked = true;
     note = "A model of this size trains very slowly on the CPU, so the instant seal is selected (the thorough one needs WebGPU to be practical).";
   }
+  showModeSettings();
   const millions = (n) => `${(n / 1e6).toFixed(n < 1e7 ? 2 : 0)} M`;
   definitions($("#model-info"), [
     ["info-source", "source", info.source],
@@ -667,7 +668,14 @@ async function showStepMemory() {
     line.hidden = true;
   }
 }
-$("#mode").addEventListener("change", showStepMemory);
+// Only the chosen mode's settings show: the thorough seal's mean nothing to the instant seal,
+// and the instant seal's nothing to SKD-CAG alone.
+function showModeSettings() {
+  const mode = sealMode();
+  $("#settings").hidden = $("#advanced").hidden = mode === "instant";
+  $("#instant-settings-box").hidden = mode === "thorough";
+}
+$("#mode").addEventListener("change", () => (showModeSettings(), showStepMemory()));
 for (const kind of ["input", "change"]) document.addEventListener(kind, (e) => e.target.closest?.("[data-setting]") && showStepMemory());
 const MODE_NAMES = { instant: "the instant seal", thorough: "the thorough seal (SKD-CAG)", both: "the instant seal, then the thorough one" };
 
