@@ -83,10 +83,15 @@ build_wasm() {
     "$(gzip -9 -c dist/seal_web_bg.wasm | wc -c) gzipped"
 }
 
-cmd_wasm() {
-  phase "rust wasm target" install_wasm_target
+# The module once the wasm32 target is installed (which is not done beside another build).
+wasm_module() {
   phase "wasm-bindgen-cli" install_wasm_bindgen
   phase "wasm build" build_wasm
+}
+
+cmd_wasm() {
+  phase "rust wasm target" install_wasm_target
+  wasm_module
 }
 
 cmd_serve() {
@@ -97,19 +102,13 @@ cmd_serve() {
 # suite NAME COMMAND...: runs a test suite; a failure is recorded and the next suite still runs.
 FAILED=()
 suite() {
-  local name=$1 start=$SECONDS rc=0
+  local name=$1 start=$SECONDS
   shift
-  "$@" || rc=$?
-  verdict "$name" "$rc" "$start"
-}
-
-# verdict NAME STATUS START: says how a suite went and records a failure.
-verdict() {
-  if [ "$2" -eq 0 ]; then
-    log "$1: passed in $((SECONDS - $3)) s"
+  if "$@"; then
+    log "$name: passed in $((SECONDS - start)) s"
   else
-    log "$1: FAILED after $((SECONDS - $3)) s"
-    FAILED+=("$1")
+    log "$name: FAILED after $((SECONDS - start)) s"
+    FAILED+=("$name")
   fi
 }
 
@@ -119,8 +118,9 @@ cmd_test() {
   phase "chromium" install_chromium
   phase "playwright-core" install_playwright
   phase "lint tools" install_lint_tools
+  phase "rust wasm target" install_wasm_target
   # The page's module builds beside the native targets (see build_wasm).
-  cmd_wasm &
+  wasm_module &
   local wasm=$!
   # Every native target at once: the CLI the browser tests drive and the test binaries share one
   # feature resolution, so `cargo test` builds nothing again (built apart, the dependencies were
@@ -130,16 +130,15 @@ cmd_test() {
   export SEAL_BIN="$CARGO_TARGET_DIR/debug/seal"
   # The browser tests keep about one core busy (the page's CPU engine is single-threaded wasm),
   # so they run beside lint and the native tests; their output follows when they end.
-  local browser_log browser_start=$SECONDS browser_rc=0
+  local browser_log
   browser_log=$(mktemp)
-  node --test tests/ >"$browser_log" 2>&1 &
+  (suite "browser tests" node --test tests/ && [ ${#FAILED[@]} -eq 0 ]) >"$browser_log" 2>&1 &
   local browser=$!
   suite "rustfmt and clippy" lint
   suite "native tests" cargo test --quiet --workspace --no-fail-fast
-  wait "$browser" || browser_rc=$?
+  wait "$browser" || FAILED+=("browser tests")
   cat "$browser_log"
   rm -f "$browser_log"
-  verdict "browser tests" "$browser_rc" "$browser_start"
   if [ ${#FAILED[@]} -gt 0 ]; then
     log "FAILED: ${FAILED[*]} ($((SECONDS - start)) s)"
     exit 1
