@@ -59,7 +59,7 @@ fn heldout_evaluation() -> Evaluation {
 fn judge(model: &StableDiffusion, adapter: &LoraFile, mode: SealMode, eval: &mut Evaluation) -> EvalReport {
     let sealed = model.with_lora(adapter, 1.0, LoraMode::SideBranch { trainable: false });
     while read_sync(eval.step(model, Some(&sealed))).unwrap().is_some() {}
-    let report = eval.report(40);
+    let report = eval.report(prompts("heldout.txt").len());
     eprintln!("{mode:?}: {}", serde_json::to_string_pretty(&report).unwrap());
     let after = report.after.as_ref().unwrap();
     assert_eq!(after.pairs, 160);
