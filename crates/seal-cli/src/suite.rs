@@ -15,9 +15,9 @@ use seal_core::eval::{Detector, EvalReport, EvalSettings, Evaluation};
 use seal_core::export::sealing_adapter;
 use seal_core::image::Rgb;
 use seal_core::prompts::split;
-use seal_core::unlearn::SealSettings;
 use seal_core::unlearn::instant::InstantSettings;
 use seal_core::unlearn::run::{SealMode, SealRun};
+use seal_core::unlearn::{LatentSource, SealSettings};
 use seal_sd::pipeline::LoraMode;
 use seal_sd::seal_weights::WeightFile;
 use seal_sd::seal_weights::lora::parse_lora;
@@ -88,6 +88,10 @@ fn variants(steps: usize) -> Vec<(&'static str, SealMode, SealSettings, InstantS
         ("instant, keep 0.01", SealMode::Instant, base.clone(), keep(0.01)),
         ("both, text encoder, keep 0.03", SealMode::Both, with(&|s| s.text_encoder = true), keep(0.03)),
         ("both, text encoder, twice the steps", SealMode::Both, with(&|s| (s.text_encoder, s.steps) = (true, 2 * steps)), instant.clone()),
+        // The student learns on realistic noisy latents instead of pure noise: the teacher's
+        // clean trajectories, or its own triggered ones (where a residue would show).
+        ("both, text encoder, trajectory latents", SealMode::Both, with(&|s| (s.text_encoder, s.latents) = (true, LatentSource::Trajectory)), instant.clone()),
+        ("both, text encoder, student latents", SealMode::Both, with(&|s| (s.text_encoder, s.latents) = (true, LatentSource::Student)), instant.clone()),
     ]
 }
 
