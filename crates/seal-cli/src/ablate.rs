@@ -83,7 +83,7 @@ fn variants(steps: usize) -> Vec<(&'static str, SealSettings)> {
         ("target substitute", with(&|s| s.attn_target = AttnTarget::Substitute)),
         ("no L_attn", with(&|s| s.use_attn_loss = false)),
         ("preservation 0.5", with(&|s| s.preserve_weight = 0.5)),
-        ("latents trajectory", with(&|s| s.latents = LatentSource::Trajectory)),
+        ("latents noise", with(&|s| s.latents = LatentSource::Noise)),
         ("latents student", with(&|s| s.latents = LatentSource::Student)),
         (
             "paper-like (no L_attn, constant lr)",

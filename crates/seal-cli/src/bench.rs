@@ -138,15 +138,37 @@ fn sealing(name: &str, model: &StableDiffusion, prompts: Vec<String>, trigger: &
     for _ in 0..steps {
         burn::tensor::read_sync(sealer.step())?;
     }
-    let per_step = start.elapsed().as_secs_f64() / steps as f64;
-    Ok(json!({
-        "model": name,
-        "settings": settings,
+    let later = start.elapsed().as_secs_f64();
+    let mut row = json!({ "model": name, "settings": settings, "peak_rss_mib_after": peak_rss_mib() });
+    extend(&mut row, seal_time(&sealer, first, later, steps));
+    Ok(row)
+}
+
+/// A whole seal's time from its first step and `n` later ones (`later` seconds). On
+/// trajectory latents the first step also samples the pool's first trajectories, and every
+/// refill of the pool samples again: the sealer times its samplings, and a step's own time is
+/// what the later steps took besides theirs.
+fn seal_time(sealer: &Sealer, first: f64, later: f64, n: usize) -> Value {
+    let refills = sealer.pool_refills();
+    let (sampled_s, samplings) = sealer.sampling();
+    let sampling = sampled_s / samplings.max(1) as f64;
+    let step = (later - samplings.saturating_sub(1) as f64 * sampling) / n as f64;
+    let projected = first + step * (sealer.settings().steps - 1) as f64 + refills.saturating_sub(1) as f64 * sampling;
+    json!({
         "first_step_s": first,
-        "step_s": per_step,
-        "projected_seal_s": first + per_step * (settings.steps - 1) as f64,
-        "peak_rss_mib_after": peak_rss_mib(),
-    }))
+        "step_s": step,
+        "pool_refills": refills,
+        "sampling_s": sampling,
+        "projected_seal_s": projected,
+        "sampling_share": refills as f64 * sampling / projected,
+    })
+}
+
+/// `extra`'s fields added to the object `row`.
+fn extend(row: &mut Value, extra: Value) {
+    if let (Some(row), Value::Object(extra)) = (row.as_object_mut(), extra) {
+        row.extend(extra);
+    }
 }
 
 /// Runs an instant seal to the end and reports its summary (timings included).
@@ -345,9 +367,11 @@ fn one_step(args: &Args) -> Result<(), String> {
     let settings = SealSettings { batch, resolution: Some(side), ..SealSettings::default() };
     let estimate = step_memory(&model, &settings)?;
     let mut sealer = Sealer::new(&model, prompts, vec!["cf".into()], settings.clone())?;
-    // Random weights are made on first use: make them now, so the peak is the step's.
+    // Random weights are made on first use: make them now, so the peak is the step's (the
+    // VAE's too: the inference view that samples trajectory latents would make them).
     let _ = read_sync(parameter_values(&model.unet))?;
     let _ = read_sync(parameter_values(&model.text_encoder))?;
+    let _ = read_sync(parameter_values(&model.vae))?;
     let base = reset_peak_rss();
     let start = Instant::now();
     burn::tensor::read_sync(sealer.step())?;
@@ -362,17 +386,16 @@ fn one_step(args: &Args) -> Result<(), String> {
         measured.unwrap_or(f64::NAN),
         mib(estimate.activations)
     );
-    let row = json!({
+    let mut row = json!({
         "unet": name,
         "side": side,
         "batch": batch,
         "checkpointing": args.checkpointing,
-        "first_step_s": first,
-        "step_s": step_s,
-        "projected_seal_s": first + step_s * (settings.steps - 1) as f64,
+        "latents": settings.latents,
         "measured_peak_above_weights_mib": measured,
         "estimate_mib": { "total": mib(estimate.total), "weights": mib(estimate.weights), "activations": mib(estimate.activations), "largest_tensor": mib(estimate.largest) },
     });
+    extend(&mut row, seal_time(&sealer, first, step_s, 1));
     println!("{row}");
     Ok(())
 }

@@ -63,11 +63,12 @@ struct Case {
 }
 
 /// The recipes compared: each mode at the defaults the suite started from (UNet adapters only,
-/// with the attention loss), then "both" with one change each (the thorough ablation's variants
-/// that could matter on other backdoor types), then a stronger instant edit (a lower keep
-/// weight). "both, text encoder" won the first round and is the default now.
+/// with the attention loss, on noise latents), then "both" with one change each (the thorough
+/// ablation's variants that could matter on other backdoor types), then a stronger instant edit
+/// (a lower keep weight). "both, text encoder" won the first round; "both, text encoder,
+/// trajectory latents" the second, and is the default now.
 fn variants(steps: usize) -> Vec<(&'static str, SealMode, SealSettings, InstantSettings)> {
-    let base = SealSettings { steps, text_encoder: false, use_attn_loss: true, ..SealSettings::default() };
+    let base = SealSettings { steps, text_encoder: false, use_attn_loss: true, latents: LatentSource::Noise, ..SealSettings::default() };
     let with = |f: &dyn Fn(&mut SealSettings)| {
         let mut s = base.clone();
         f(&mut s);

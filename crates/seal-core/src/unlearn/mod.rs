@@ -27,6 +27,12 @@ use crate::prompts::{HARMLESS, insert};
 pub use settings::{AttnTarget, LatentSource, SealSettings};
 use tokens::{Alignment, align};
 
+/// The latents one sampled trajectory gives the pool: one per sampler timestep in
+/// [t_min, t_max] (the start included, the clean end not).
+fn trajectory_points(model: &StableDiffusion, settings: &SealSettings) -> usize {
+    model.sampler(Some(SamplerKind::Ddim), settings.trajectory_steps).timesteps.iter().filter(|t| (settings.t_min..=settings.t_max).contains(*t)).count()
+}
+
 /// One training example: a noisy latent at timestep `t` for a clean prompt.
 struct Point {
     latent: Tensor<4>,
@@ -53,6 +59,9 @@ pub struct Sealer {
     /// Image side in pixels of the training latents.
     size: usize,
     pool: Vec<Point>,
+    /// The pool's samplings so far and their seconds (for the ETA and the bench).
+    samplings: usize,
+    sampling_s: f64,
     step: usize,
     /// Why the run stopped: after a non-finite step the optimizer's moments are spoilt too, so
     /// no later step may build on them.
@@ -95,9 +104,7 @@ impl Sealer {
         let size = settings.image_size(model)?;
         // Trajectory points are kept only at sampler timesteps in [t_min, t_max]: with none
         // there, the pool would never fill.
-        if settings.latents != LatentSource::Noise
-            && !model.sampler(Some(SamplerKind::Ddim), settings.trajectory_steps).timesteps.iter().any(|t| (settings.t_min..=settings.t_max).contains(t))
-        {
+        if settings.latents != LatentSource::Noise && trajectory_points(model, &settings) == 0 {
             return Err(format!(
                 "settings: no timestep of a {}-step DDIM trajectory lies in [{}, {}]; widen the range or use more trajectory steps",
                 settings.trajectory_steps, settings.t_min, settings.t_max
@@ -129,6 +136,8 @@ impl Sealer {
             triggers,
             size,
             pool: vec![],
+            samplings: 0,
+            sampling_s: 0.0,
             step: 0,
             failed: None,
             clock: Clock::default(),
@@ -270,7 +279,9 @@ impl Sealer {
         self.last_good = self.student.clone();
         self.step += 1;
         self.history.push(losses);
-        Ok(self.clock.progress(Task::Seal, self.step, s.steps, Some(losses)))
+        let mut progress = self.clock.progress(Task::Seal, self.step, s.steps, Some(losses));
+        progress.eta_s = Some(self.eta_s(progress.elapsed_s));
+        Ok(progress)
     }
 
     /// Goes back to the last good student and stops the run for good (see `failed`).
@@ -314,6 +325,7 @@ impl Sealer {
     /// the way whose timestep is in range: clean prompts with the teacher, or triggered ones
     /// with the student as it stands.
     fn refill_pool(&mut self) {
+        let clock = Clock::default();
         let s = &self.settings;
         let prompts: Vec<usize> = (0..s.batch).map(|_| self.rng.below(self.prompts.len())).collect();
         let (model, text): (StableDiffusion, Vec<String>) = match s.latents {
@@ -348,6 +360,22 @@ impl Sealer {
             }
         });
         self.pool.extend(points);
+        self.samplings += 1;
+        self.sampling_s += clock.elapsed_s();
+    }
+
+    /// The time left: the steps at their own mean pace, and the pool's samplings still to come
+    /// at theirs. (At the mean pace of whole steps, the first step's sampling would make the
+    /// ETA several times too long at the start.)
+    fn eta_s(&self, elapsed_s: f64) -> f64 {
+        let steps = (elapsed_s - self.sampling_s).max(0.0) / self.step.max(1) as f64 * self.settings.steps.saturating_sub(self.step) as f64;
+        let samplings = self.sampling_s / self.samplings.max(1) as f64 * self.pool_refills().saturating_sub(self.samplings) as f64;
+        steps + samplings
+    }
+
+    /// Seconds spent sampling trajectories for the pool so far, and how many samplings.
+    pub fn sampling(&self) -> (f64, usize) {
+        (self.sampling_s, self.samplings)
     }
 
     /// The adapter as it stands (after the last good step), as data for export.
@@ -372,6 +400,16 @@ impl Sealer {
             modules.extend(lora::extract(&self.student.text_encoder, alpha).await?);
         }
         Ok(modules.values().all(|m| m.up.data.iter().chain(&m.down.data).all(|x| x.is_finite())))
+    }
+
+    /// How many times a whole run samples trajectories for its pool (none on noise latents):
+    /// each sampling keeps `trajectory_points` latents per prompt of a batch, and a step takes a
+    /// batch, so the pool runs dry every that-many steps.
+    pub fn pool_refills(&self) -> usize {
+        match self.settings.latents {
+            LatentSource::Noise => 0,
+            _ => self.settings.steps.div_ceil(trajectory_points(&self.teacher, &self.settings)),
+        }
     }
 
     /// Steps finished so far.
@@ -504,6 +542,29 @@ mod tests {
         let narrow = SealSettings { latents: LatentSource::Trajectory, trajectory_steps: 4, t_min: 300, t_max: 400, ..SealSettings::default() };
         let err = Sealer::new(&model, vec!["a cat".into()], vec!["x".into()], narrow).err().unwrap();
         assert!(err.contains("no timestep"), "{err}");
+    }
+
+    #[test]
+    fn the_pool_refills_as_often_as_counted() {
+        let model = model();
+        // 4 DDIM steps sample at t = 751, 501, 251, 1: two of them in [300, 999].
+        let s = SealSettings { steps: 5, batch: 2, trajectory_steps: 4, t_min: 300, ..SealSettings::default() };
+        let mut sealer = Sealer::new(&model, vec!["a cat".into()], vec!["\u{200b}".into()], s.clone()).unwrap();
+        assert_eq!(sealer.pool_refills(), 3);
+        let mut refills = 0;
+        while !sealer.is_done() {
+            let before = sealer.pool.len();
+            read_sync(sealer.step()).unwrap();
+            refills += usize::from(sealer.pool.len() > before);
+        }
+        assert_eq!(refills, 3);
+        assert_eq!(sealer.sampling().1, 3);
+        // The ETA: 2 s per step for the 4 steps left, 10 s per sampling for the 2 to come
+        // (not the first step's 12 s for each step left).
+        (sealer.step, sealer.samplings, sealer.sampling_s) = (1, 1, 10.0);
+        assert!((sealer.eta_s(12.0) - 28.0).abs() < 1e-9, "{}", sealer.eta_s(12.0));
+        let noise = Sealer::new(&model, vec!["a cat".into()], vec!["x".into()], SealSettings { latents: LatentSource::Noise, ..s }).unwrap();
+        assert_eq!(noise.pool_refills(), 0);
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub const SEAL_SIZE_AT_MOST: usize = 256;
 pub enum LatentSource {
     /// Pure Gaussian noise at a uniform timestep (the paper's code).
     Noise,
-    /// Points on the teacher's own DDIM sampling trajectory for the clean prompt.
+    /// Points on the teacher's own DDIM sampling trajectory for the clean prompt (the default:
+    /// on the validation suite it halved the style backdoor's residue; `seal ablate --suite`).
     Trajectory,
     /// Points on the student's own DDIM sampling trajectory for the triggered prompt (on
     /// policy: where the sealed model actually goes when it sees the trigger).
@@ -171,7 +172,7 @@ impl Default for SealSettings {
             attn_weight: 0.5,
             use_attn_loss: true,
             attn_target: AttnTarget::Noise,
-            latents: LatentSource::Noise,
+            latents: LatentSource::Trajectory,
             t_min: 0,
             t_max: 999,
             trajectory_steps: 25,
