@@ -299,16 +299,23 @@ fn write(path: &Path, split: Split, suite: &[(&str, BackdoorSettings)], seeds: &
         Split::Validation => ("prompts/train.txt less every 4th prompt (60)", "every 4th prompt of prompts/train.txt (20; for the swap, those not of its target shape)"),
         Split::Heldout => ("prompts/train.txt (80)", "prompts/heldout.txt (40; for the swap, those not of its target shape)"),
     };
-    let text = serde_json::to_string_pretty(&json!({
+    let mut report = json!({
         "suite": suite.iter().map(|(name, s)| json!({ "name": name, "planted": s })).collect::<Vec<_>>(),
         "fit": fit,
         "judged_on": judged,
         "seeds": seeds,
-        "choice": format!("worst-case clean PSNR at least {FIDELITY_FLOOR_DB} dB first, then lowest worst-case attack success (within one standard error: a tie), then highest worst-case clean PSNR"),
-        "ranking": worst_cases(rows),
-        "rows": rows,
-    }))
-    .map_err(|e| e.to_string())?;
+    });
+    // Only the validation split ranks recipes: the held-out one judges a choice once.
+    let how = match split {
+        Split::Validation => json!({
+            "choice": format!("worst-case clean PSNR at least {FIDELITY_FLOOR_DB} dB first, then lowest worst-case attack success (within one standard error: a tie), then highest worst-case clean PSNR"),
+            "ranking": worst_cases(rows),
+        }),
+        Split::Heldout => json!({ "judgement": "once, of recipes chosen on the validation split (ablation-suite.json); nothing is chosen on these numbers" }),
+    };
+    report.as_object_mut().expect("an object").extend(how.as_object().expect("an object").clone());
+    report["rows"] = json!(rows);
+    let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     crate::write_file(path, text.as_bytes())
 }
 
