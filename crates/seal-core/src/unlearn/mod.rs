@@ -59,7 +59,8 @@ pub struct Sealer {
     /// Image side in pixels of the training latents.
     size: usize,
     pool: Vec<Point>,
-    /// The pool's samplings so far and their seconds (for the ETA and the bench).
+    /// The pool's samplings in a whole run (see `pool_refills`), so far, and their seconds.
+    refills: usize,
     samplings: usize,
     sampling_s: f64,
     step: usize,
@@ -104,7 +105,8 @@ impl Sealer {
         let size = settings.image_size(model)?;
         // Trajectory points are kept only at sampler timesteps in [t_min, t_max]: with none
         // there, the pool would never fill.
-        if settings.latents != LatentSource::Noise && trajectory_points(model, &settings) == 0 {
+        let points = trajectory_points(model, &settings);
+        if settings.latents != LatentSource::Noise && points == 0 {
             return Err(format!(
                 "settings: no timestep of a {}-step DDIM trajectory lies in [{}, {}]; widen the range or use more trajectory steps",
                 settings.trajectory_steps, settings.t_min, settings.t_max
@@ -122,6 +124,9 @@ impl Sealer {
             let fresh = lora::fresh_adapters(&model.text_encoder, &targets, settings.rank, settings.alpha, settings.seed ^ 0x7e);
             student.text_encoder = lora::attach(student.text_encoder, &fresh, 1.0, true);
         }
+        // A sampling keeps `points` latents per prompt of a batch and a step takes a batch, so
+        // the pool runs dry every `points` steps.
+        let refills = if settings.latents == LatentSource::Noise { 0 } else { settings.steps.div_ceil(points) };
         let optim = || AdamWConfig::new().with_weight_decay(settings.weight_decay).init();
         Ok(Self {
             teacher: model.clone(),
@@ -136,6 +141,7 @@ impl Sealer {
             triggers,
             size,
             pool: vec![],
+            refills,
             samplings: 0,
             sampling_s: 0.0,
             step: 0,
@@ -402,14 +408,9 @@ impl Sealer {
         Ok(modules.values().all(|m| m.up.data.iter().chain(&m.down.data).all(|x| x.is_finite())))
     }
 
-    /// How many times a whole run samples trajectories for its pool (none on noise latents):
-    /// each sampling keeps `trajectory_points` latents per prompt of a batch, and a step takes a
-    /// batch, so the pool runs dry every that-many steps.
+    /// How many times a whole run samples trajectories for its pool (none on noise latents).
     pub fn pool_refills(&self) -> usize {
-        match self.settings.latents {
-            LatentSource::Noise => 0,
-            _ => self.settings.steps.div_ceil(trajectory_points(&self.teacher, &self.settings)),
-        }
+        self.refills
     }
 
     /// Steps finished so far.
