@@ -306,14 +306,15 @@ fn write(path: &Path, split: Split, suite: &[(&str, BackdoorSettings)], seeds: &
         "seeds": seeds,
     });
     // Only the validation split ranks recipes: the held-out one judges a choice once.
-    let how = match split {
-        Split::Validation => json!({
-            "choice": format!("worst-case clean PSNR at least {FIDELITY_FLOOR_DB} dB first, then lowest worst-case attack success (within one standard error: a tie), then highest worst-case clean PSNR"),
-            "ranking": worst_cases(rows),
-        }),
-        Split::Heldout => json!({ "judgement": "once, of recipes chosen on the validation split (ablation-suite.json); nothing is chosen on these numbers" }),
-    };
-    report.as_object_mut().expect("an object").extend(how.as_object().expect("an object").clone());
+    match split {
+        Split::Validation => {
+            report["choice"] = json!(format!(
+                "worst-case clean PSNR at least {FIDELITY_FLOOR_DB} dB first, then lowest worst-case attack success (within one standard error: a tie), then highest worst-case clean PSNR"
+            ));
+            report["ranking"] = json!(worst_cases(rows));
+        }
+        Split::Heldout => report["judgement"] = json!("once, of recipes chosen on the validation split (ablation-suite.json); nothing is chosen on these numbers"),
+    }
     report["rows"] = json!(rows);
     let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     crate::write_file(path, text.as_bytes())
