@@ -709,6 +709,12 @@ async function seal() {
         showProgress(p, "Instant seal: encoding prompts, solving, factoring layers");
         continue;
       }
+      if (p.task === "sample") {
+        // The bar stays at the last sealing step; the text says what runs between steps.
+        const eta = p.eta_s != null ? `, about ${formatSeconds(p.eta_s)} left` : "";
+        $("#progress-text").textContent = `Sealing: sampling the trajectories the next steps train on, ${p.step} of ${p.total}${eta}`;
+        continue;
+      }
       history.push(p.losses);
       showProgress(p, "Sealing");
       drawChart();

@@ -143,7 +143,7 @@ pub fn run(args: Args) -> Result<(), String> {
         };
         while !sealer.is_done() {
             let start = Instant::now();
-            read_sync(sealer.step())?;
+            read_sync(sealer.train_step())?;
             train_s += start.elapsed().as_secs_f64();
             let step = sealer.history.len();
             if step % args.every == 0 && !sealer.is_done() {

@@ -132,11 +132,11 @@ fn sealing(name: &str, model: &StableDiffusion, prompts: Vec<String>, trigger: &
     let mut sealer = Sealer::new(model, prompts, vec![trigger.into()], settings.clone())?;
     eprintln!("bench: {name}: sealing steps");
     let start = Instant::now();
-    burn::tensor::read_sync(sealer.step())?;
+    burn::tensor::read_sync(sealer.train_step())?;
     let first = start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 0..steps {
-        burn::tensor::read_sync(sealer.step())?;
+        burn::tensor::read_sync(sealer.train_step())?;
     }
     let later = start.elapsed().as_secs_f64();
     let mut row = json!({ "model": name, "settings": settings, "peak_rss_mib_after": peak_rss_mib() });
@@ -374,10 +374,10 @@ fn one_step(args: &Args) -> Result<(), String> {
     let _ = read_sync(parameter_values(&model.vae))?;
     let base = reset_peak_rss();
     let start = Instant::now();
-    burn::tensor::read_sync(sealer.step())?;
+    burn::tensor::read_sync(sealer.train_step())?;
     let first = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    burn::tensor::read_sync(sealer.step())?;
+    burn::tensor::read_sync(sealer.train_step())?;
     let step_s = start.elapsed().as_secs_f64();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let measured = base.zip(peak_rss_mib()).map(|(b, p)| p - mib(b));

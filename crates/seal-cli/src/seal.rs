@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::Device;
-use seal_core::progress::Progress;
+use seal_core::progress::{Progress, Task};
 use seal_core::session::{EngineLimits, SealRequest, Session};
 use seal_core::unlearn::instant::InstantSettings;
 use seal_core::unlearn::run::SealMode;
@@ -152,6 +152,11 @@ pub fn run(args: Args) -> Result<(), String> {
 }
 
 fn report_progress(p: &Progress) {
+    if p.task == Task::Sample {
+        // One line per sampling: its steps overwrite each other.
+        let end = if p.step == p.total { "\n" } else { "" };
+        return eprint!("\rseal: sampling the trajectories the next steps train on: {}/{} {:.1} s{end}", p.step, p.total, p.elapsed_s);
+    }
     match p.losses {
         Some(l) => eprintln!(
             "seal: step {}/{} loss {:.5} (pred {:.5}, attn {:.5}, preserve {:.5}) {:.1} s, eta {:.0} s",

@@ -13,6 +13,8 @@ pub enum Task {
     Instant,
     /// SKD-CAG training steps.
     Seal,
+    /// Sampling the trajectories the next sealing steps train on (steps of one sampling).
+    Sample,
     Evaluate,
     Generate,
     /// Looking for an unknown trigger.

@@ -16,9 +16,9 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Tensor, TensorData};
 use seal_sd::lora::{self, cross_attention_targets};
-use seal_sd::pipeline::{LoraMode, StableDiffusion};
+use seal_sd::pipeline::{Denoising, LoraMode, StableDiffusion};
 use seal_sd::rng::SeededRng;
-use seal_sd::scheduler::SamplerKind;
+use seal_sd::scheduler::{Sampler, SamplerKind};
 use seal_sd::seal_weights::DType;
 use seal_sd::seal_weights::lora::{LoraComponent, LoraFile, LoraFormat, LoraModule, LoraTarget, stack};
 
@@ -40,6 +40,28 @@ struct Point {
     prompt: usize,
 }
 
+/// A sampling for the trajectory pool under way: the model sampling (teacher or student), the
+/// prompts sampled and the latents kept so far.
+struct PoolSampling {
+    run: Denoising,
+    model: StableDiffusion,
+    sampler: Sampler,
+    prompts: Vec<usize>,
+    points: Vec<Point>,
+}
+
+impl PoolSampling {
+    /// Keeps the latents as they stand, at timestep `t`, when `t` is in `range` (inclusive).
+    fn keep(&mut self, t: usize, (t_min, t_max): (usize, usize)) {
+        if (t_min..=t_max).contains(&t) {
+            for (k, &p) in self.prompts.iter().enumerate() {
+                // Back onto the training device, as a constant.
+                self.points.push(Point { latent: self.run.latents().clone().narrow(0, k, 1).autodiff(), t, prompt: p });
+            }
+        }
+    }
+}
+
 /// A sealing run in progress: call `step` until `is_done`, then take `adapter`.
 pub struct Sealer {
     teacher: StableDiffusion,
@@ -59,9 +81,13 @@ pub struct Sealer {
     /// Image side in pixels of the training latents.
     size: usize,
     pool: Vec<Point>,
-    /// The pool's samplings in a whole run (see `pool_refills`), so far, and their seconds.
+    /// The pool's sampling under way, if any.
+    sampling: Option<PoolSampling>,
+    /// The pool's samplings in a whole run (see `pool_refills`), those finished, the sampler
+    /// steps taken, and their seconds.
     refills: usize,
     samplings: usize,
+    sampled: usize,
     sampling_s: f64,
     step: usize,
     /// Why the run stopped: after a non-finite step the optimizer's moments are spoilt too, so
@@ -141,14 +167,26 @@ impl Sealer {
             triggers,
             size,
             pool: vec![],
+            sampling: None,
             refills,
             samplings: 0,
+            sampled: 0,
             sampling_s: 0.0,
             step: 0,
             failed: None,
             clock: Clock::default(),
             history: vec![],
         })
+    }
+
+    /// Steps until an optimisation step is done (sampling the pool first where it ran low).
+    pub async fn train_step(&mut self) -> Result<Progress, String> {
+        loop {
+            let progress = self.step().await?;
+            if progress.task == Task::Seal {
+                return Ok(progress);
+            }
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -159,14 +197,18 @@ impl Sealer {
         &self.settings
     }
 
-    /// One optimisation step. A non-finite loss, gradient or factor keeps the last good adapter
-    /// and is an error, from then on.
+    /// One unit of work: a sampler step of the trajectory pool's sampling when the pool runs
+    /// low (`Task::Sample`), else an optimisation step (`Task::Seal`). A non-finite loss,
+    /// gradient or factor keeps the last good adapter and is an error, from then on.
     pub async fn step(&mut self) -> Result<Progress, String> {
         if let Some(why) = &self.failed {
             return Err(why.clone());
         }
+        if self.needs_sampling() {
+            return Ok(self.sample_step());
+        }
         let s = self.settings.clone();
-        let points = self.next_points().await?;
+        let points = self.next_points();
         let clean: Vec<String> = points.iter().map(|p| self.prompts[p.prompt].clone()).collect();
         let mut triggered = vec![];
         let mut substitutes = vec![];
@@ -297,13 +339,19 @@ impl Sealer {
         why
     }
 
-    /// The next batch of training points, refilling the trajectory pool when it runs low.
-    async fn next_points(&mut self) -> Result<Vec<Point>, String> {
+    /// Whether the trajectory pool must be refilled before the next training step.
+    fn needs_sampling(&self) -> bool {
+        self.settings.latents != LatentSource::Noise && self.pool.len() < self.settings.batch
+    }
+
+    /// The next batch of training points: fresh noise, or drawn from the pool (refilled by
+    /// `sample_step` before).
+    fn next_points(&mut self) -> Vec<Point> {
         let s = &self.settings;
         let b = s.batch;
         let (c, side) = (self.teacher.unet_config.in_channels, self.size / self.teacher.vae_config.downscale());
         match s.latents {
-            LatentSource::Noise => Ok((0..b)
+            LatentSource::Noise => (0..b)
                 .map(|_| {
                     let data = self.rng.normals(c * side * side);
                     Point {
@@ -312,62 +360,64 @@ impl Sealer {
                         prompt: self.rng.below(self.prompts.len()),
                     }
                 })
-                .collect()),
-            LatentSource::Trajectory | LatentSource::Student => {
-                while self.pool.len() < b {
-                    self.refill_pool();
-                }
-                Ok((0..b)
-                    .map(|_| {
-                        let i = self.rng.below(self.pool.len());
-                        self.pool.swap_remove(i)
-                    })
-                    .collect())
-            }
+                .collect(),
+            LatentSource::Trajectory | LatentSource::Student => (0..b)
+                .map(|_| {
+                    let i = self.rng.below(self.pool.len());
+                    self.pool.swap_remove(i)
+                })
+                .collect(),
         }
     }
 
-    /// Samples `batch` prompts (DDIM, classifier-free guidance) and keeps every latent along
-    /// the way whose timestep is in range: clean prompts with the teacher, or triggered ones
-    /// with the student as it stands.
-    fn refill_pool(&mut self) {
-        let clock = Clock::default();
+    /// Starts sampling `batch` prompts (DDIM, classifier-free guidance) for the pool: clean
+    /// prompts with the teacher, or triggered ones with the student as it stands.
+    fn start_sampling(&mut self) -> PoolSampling {
         let s = &self.settings;
         let prompts: Vec<usize> = (0..s.batch).map(|_| self.rng.below(self.prompts.len())).collect();
-        let (model, text): (StableDiffusion, Vec<String>) = match s.latents {
-            LatentSource::Student => {
-                let text = prompts.iter().map(|&i| {
-                    let trigger = &self.triggers[self.rng.below(self.triggers.len())];
-                    insert(&self.prompts[i], trigger, s.placement, &mut SeededRng::new(self.rng.next_u64()))
-                });
-                (self.student.inference(), text.collect())
-            }
-            _ => (self.teacher.inference(), prompts.iter().map(|&i| self.prompts[i].clone()).collect()),
+        let on_policy = s.latents == LatentSource::Student;
+        let (model, text): (StableDiffusion, Vec<String>) = if on_policy {
+            let text = prompts.iter().map(|&i| {
+                let trigger = &self.triggers[self.rng.below(self.triggers.len())];
+                insert(&self.prompts[i], trigger, s.placement, &mut SeededRng::new(self.rng.next_u64()))
+            });
+            (self.student.inference(), text.collect())
+        } else {
+            (self.teacher.inference(), prompts.iter().map(|&i| self.prompts[i].clone()).collect())
         };
         let latents = Tensor::cat(prompts.iter().map(|_| model.initial_latents(1, self.size, self.rng.next_u64())).collect(), 0);
         let cond = model.encode_prompts(&as_strs(&text)).expect("prompts were tokenized before");
         let uncond = model.encode_prompts(&vec![""; text.len()]).expect("empty prompt tokenizes");
         let sampler = model.sampler(Some(SamplerKind::Ddim), s.trajectory_steps);
-        let (t_min, t_max) = (s.t_min, s.t_max);
-        let mut points = vec![];
-        let mut keep = |x: &Tensor<4>, t: usize| {
-            if (t_min..=t_max).contains(&t) {
-                for (k, &p) in prompts.iter().enumerate() {
-                    // Back onto the training device, as a constant.
-                    points.push(Point { latent: x.clone().narrow(0, k, 1).autodiff(), t, prompt: p });
-                }
-            }
+        let mut sampling = PoolSampling { run: Denoising::new(latents, &cond, &uncond, s.guidance), model, sampler, prompts, points: vec![] };
+        sampling.keep(sampling.sampler.timesteps[0], (s.t_min, s.t_max));
+        sampling
+    }
+
+    /// One sampler step of the pool's sampling (started first if none is under way); at the
+    /// last, its latents join the pool.
+    fn sample_step(&mut self) -> Progress {
+        let clock = Clock::default();
+        let mut sampling = match self.sampling.take() {
+            Some(sampling) => sampling,
+            None => self.start_sampling(),
         };
-        keep(&latents, sampler.timesteps[0]);
-        let timesteps = sampler.timesteps.clone();
-        model.denoise(latents, &cond, &uncond, &sampler, s.guidance, |i, x| {
-            if let Some(&t) = timesteps.get(i + 1) {
-                keep(x, t);
-            }
-        });
-        self.pool.extend(points);
-        self.samplings += 1;
+        let i = sampling.run.step(&sampling.model, &sampling.sampler).expect("a sampling in the pool is never finished");
+        let total = sampling.sampler.timesteps.len();
+        if let Some(&t) = sampling.sampler.timesteps.get(i + 1) {
+            sampling.keep(t, (self.settings.t_min, self.settings.t_max));
+        }
+        if i + 1 < total {
+            self.sampling = Some(sampling);
+        } else {
+            self.pool.extend(sampling.points);
+            self.samplings += 1;
+        }
+        self.sampled += 1;
         self.sampling_s += clock.elapsed_s();
+        let mut progress = self.clock.progress(Task::Sample, i + 1, total, None);
+        progress.eta_s = (self.step > 0).then(|| self.eta_s(progress.elapsed_s));
+        progress
     }
 
     /// The time left: the steps at their own mean pace, and the pool's samplings still to come
@@ -375,7 +425,8 @@ impl Sealer {
     /// ETA several times too long at the start.)
     fn eta_s(&self, elapsed_s: f64) -> f64 {
         let steps = (elapsed_s - self.sampling_s).max(0.0) / self.step.max(1) as f64 * self.settings.steps.saturating_sub(self.step) as f64;
-        let samplings = self.sampling_s / self.samplings.max(1) as f64 * self.pool_refills().saturating_sub(self.samplings) as f64;
+        let sampler_steps = self.pool_refills() * self.settings.trajectory_steps;
+        let samplings = self.sampling_s / self.sampled.max(1) as f64 * sampler_steps.saturating_sub(self.sampled) as f64;
         steps + samplings
     }
 
@@ -552,17 +603,22 @@ mod tests {
         let s = SealSettings { steps: 5, batch: 2, trajectory_steps: 4, t_min: 300, ..SealSettings::default() };
         let mut sealer = Sealer::new(&model, vec!["a cat".into()], vec!["\u{200b}".into()], s.clone()).unwrap();
         assert_eq!(sealer.pool_refills(), 3);
-        let mut refills = 0;
+        // Each sampling reports its 4 sampler steps (the first before any training step, so a
+        // cancel never waits for a whole sampling), then the training steps it feeds follow.
+        let mut tasks = vec![];
         while !sealer.is_done() {
-            let before = sealer.pool.len();
-            read_sync(sealer.step()).unwrap();
-            refills += usize::from(sealer.pool.len() > before);
+            let p = read_sync(sealer.step()).unwrap();
+            assert_eq!(p.eta_s.is_some(), sealer.steps_done() > 0, "{p:?}");
+            tasks.push((p.task, p.step));
         }
-        assert_eq!(refills, 3);
+        let sampling = || (1..=4).map(|i| (Task::Sample, i));
+        let seal = |steps: &[usize]| steps.iter().map(|&i| (Task::Seal, i)).collect::<Vec<_>>();
+        let want: Vec<_> = sampling().chain(seal(&[1, 2])).chain(sampling()).chain(seal(&[3, 4])).chain(sampling()).chain(seal(&[5])).collect();
+        assert_eq!(tasks, want);
         assert_eq!(sealer.sampling().1, 3);
-        // The ETA: 2 s per step for the 4 steps left, 10 s per sampling for the 2 to come
-        // (not the first step's 12 s for each step left).
-        (sealer.step, sealer.samplings, sealer.sampling_s) = (1, 1, 10.0);
+        // The ETA: 2 s per step for the 4 steps left, 2.5 s per sampler step for the 2
+        // samplings to come (not the first step's 12 s for each step left).
+        (sealer.step, sealer.sampled, sealer.sampling_s) = (1, 4, 10.0);
         assert!((sealer.eta_s(12.0) - 28.0).abs() < 1e-9, "{}", sealer.eta_s(12.0));
         let noise = Sealer::new(&model, vec!["a cat".into()], vec!["x".into()], SealSettings { latents: LatentSource::Noise, ..s }).unwrap();
         assert_eq!(noise.pool_refills(), 0);
@@ -577,7 +633,7 @@ mod tests {
         let mut sealer = Sealer::new(&model, prompts, vec!["\u{200b}".into()], s).unwrap();
         let mut failed = None;
         for _ in 0..6 {
-            if let Err(e) = read_sync(sealer.step()) {
+            if let Err(e) = read_sync(sealer.train_step()) {
                 failed = Some(e);
                 break;
             }
@@ -585,7 +641,7 @@ mod tests {
         let err = failed.expect("the overflow is caught");
         assert!(err.contains("non-finite") || err.contains("loss became"), "{err}");
         let kept = sealer.steps_done();
-        assert_eq!(read_sync(sealer.step()).err(), Some(err), "no step builds on the spoilt optimizer state");
+        assert_eq!(read_sync(sealer.train_step()).err(), Some(err), "no step builds on the spoilt optimizer state");
         assert_eq!(sealer.steps_done(), kept);
         assert_eq!(sealer.history.len(), kept);
         let adapter = read_sync(sealer.adapter()).unwrap();

@@ -163,9 +163,21 @@ mod tests {
         let mut run = SealRun::new(&model, prompts, vec!["\u{200b}".into(), String::new()], SealMode::Both, InstantSettings::default(), thorough).unwrap();
         assert_eq!(run.triggers(), ["\u{200b}"], "empty triggers are dropped");
         assert!(read_sync(run.adapter()).is_err(), "nothing to keep before the first step");
-        // Step through the instant stage: its last step hands over to the thorough one.
-        while read_sync(run.step()).unwrap().unwrap().task == crate::progress::Task::Instant {
-            assert!(read_sync(run.adapter()).is_err(), "the instant edit is not finished");
+        // Step through the instant stage: its last step hands over to the thorough one, which
+        // first samples its trajectory pool.
+        use crate::progress::Task;
+        loop {
+            match read_sync(run.step()).unwrap().unwrap().task {
+                Task::Instant => assert!(read_sync(run.adapter()).is_err(), "the instant edit is not finished"),
+                // Cancelled while sampling: the instant edit alone is kept.
+                Task::Sample => {
+                    let (adapter, recipe) = read_sync(run.adapter()).unwrap();
+                    let fits = recipe.instant.expect("the instant stage is over").layers;
+                    assert_eq!(recipe.thorough_steps, 0);
+                    assert!(adapter.iter().all(|(target, m)| Some(m.rank()) == fits.get(&target.path).map(|f| f.rank)), "the edit's modules alone");
+                }
+                _ => break,
+            }
         }
         // Cancelled here: one thorough step on top of the edit, stacked (the edit's rank + 4);
         // the text encoder's adapters (rank 4) have no edit under them.

@@ -240,20 +240,11 @@ impl StableDiffusion {
     /// Classifier-free-guided sampling from `latents`: `uncond` and `cond` contexts `[B, T, D]`.
     /// `on_step(i, latents)` sees each step's result.
     pub fn denoise(&self, latents: Tensor<4>, cond: &Tensor<3>, uncond: &Tensor<3>, sampler: &Sampler, guidance: f64, mut on_step: impl FnMut(usize, &Tensor<4>)) -> Tensor<4> {
-        let b = latents.dims()[0];
-        let context = Tensor::cat(vec![uncond.clone(), cond.clone()], 0);
-        let mut x = latents * sampler.init_noise_sigma();
-        for (i, &t) in sampler.timesteps.iter().enumerate() {
-            let input = sampler.scale_model_input(x.clone(), i);
-            let input = Tensor::cat(vec![input.clone(), input], 0);
-            let ts = Tensor::<1>::full([2 * b], t as f32, &self.device);
-            let eps = self.unet.forward(input, ts, &context, false).sample;
-            let [e_uncond, e_cond] = eps.chunk(2, 0).try_into().expect("two halves");
-            let eps = e_uncond.clone() + (e_cond - e_uncond) * guidance;
-            x = sampler.step(eps, i, x).0;
-            on_step(i, &x);
+        let mut run = Denoising::new(latents, cond, uncond, guidance);
+        while let Some(i) = run.step(self, sampler) {
+            on_step(i, run.latents());
         }
-        x
+        run.latents
     }
 
     /// Scaled latents -> images in [0, 1], `[B, 3, H, W]`.
@@ -361,6 +352,50 @@ pub struct GenerateRequest {
     pub sampler: Option<SamplerKind>,
     /// Image side in pixels; the model's native size when `None`.
     pub size: Option<usize>,
+}
+
+/// A classifier-free-guided sampling in progress, one sampler step at a time: long callers
+/// (sealing's trajectory pool) report progress and can be cancelled between steps.
+pub struct Denoising {
+    latents: Tensor<4>,
+    /// The unconditional and conditional contexts stacked, `[2B, T, D]`.
+    context: Tensor<3>,
+    guidance: f64,
+    /// Sampler steps done.
+    done: usize,
+}
+
+impl Denoising {
+    /// Starts from initial `latents` (unit variance; scaled here to the sampler's first sigma).
+    pub fn new(latents: Tensor<4>, cond: &Tensor<3>, uncond: &Tensor<3>, guidance: f64) -> Self {
+        Self { latents, context: Tensor::cat(vec![uncond.clone(), cond.clone()], 0), guidance, done: 0 }
+    }
+
+    /// Takes the next step of `sampler` with `model`'s UNet; `None` when all are done, else the
+    /// step's index.
+    pub fn step(&mut self, model: &StableDiffusion, sampler: &Sampler) -> Option<usize> {
+        let i = self.done;
+        let &t = sampler.timesteps.get(i)?;
+        if i == 0 {
+            self.latents = self.latents.clone() * sampler.init_noise_sigma();
+        }
+        let b = self.latents.dims()[0];
+        let input = sampler.scale_model_input(self.latents.clone(), i);
+        let input = Tensor::cat(vec![input.clone(), input], 0);
+        let ts = Tensor::<1>::full([2 * b], t as f32, &model.device);
+        let eps = model.unet.forward(input, ts, &self.context, false).sample;
+        let [e_uncond, e_cond] = eps.chunk(2, 0).try_into().expect("two halves");
+        let eps = e_uncond.clone() + (e_cond - e_uncond) * self.guidance;
+        self.latents = sampler.step(eps, i, self.latents.clone()).0;
+        self.done += 1;
+        Some(i)
+    }
+
+    /// The latents as they stand: after `step` returned `i`, those at the sampler's timestep
+    /// `i + 1` (the clean end after the last).
+    pub fn latents(&self) -> &Tensor<4> {
+        &self.latents
+    }
 }
 
 #[cfg(test)]
