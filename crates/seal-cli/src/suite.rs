@@ -74,6 +74,12 @@ fn variants(steps: usize) -> Vec<(&'static str, SealMode, SealSettings, InstantS
         f(&mut s);
         s
     };
+    let traj = |f: &dyn Fn(&mut SealSettings)| {
+        with(&|s| {
+            (s.text_encoder, s.latents) = (true, LatentSource::Trajectory);
+            f(s)
+        })
+    };
     let instant = InstantSettings::default();
     let keep = |w: f64| InstantSettings { preserve_weight: w, ..InstantSettings::default() };
     vec![
@@ -93,6 +99,11 @@ fn variants(steps: usize) -> Vec<(&'static str, SealMode, SealSettings, InstantS
         // clean trajectories, or its own triggered ones (where a residue would show).
         ("both, text encoder, trajectory latents", SealMode::Both, with(&|s| (s.text_encoder, s.latents) = (true, LatentSource::Trajectory)), instant.clone()),
         ("both, text encoder, student latents", SealMode::Both, with(&|s| (s.text_encoder, s.latents) = (true, LatentSource::Student)), instant.clone()),
+        // Trajectory latents (the default) with more room, a faster pace, or less weight on
+        // the attention maps: for the style backdoor's residue, a global effect.
+        ("both, text encoder, trajectory latents, rank 8", SealMode::Both, traj(&|s| (s.rank, s.alpha) = (8, 8.0)), instant.clone()),
+        ("both, text encoder, trajectory latents, lr 4e-3", SealMode::Both, traj(&|s| s.lr = 4e-3), instant.clone()),
+        ("both, text encoder, trajectory latents, attention weight 0.25", SealMode::Both, traj(&|s| s.attn_weight = 0.25), instant.clone()),
     ]
 }
 
