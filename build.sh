@@ -41,11 +41,11 @@ install_lint_tools() {
   for c in rustfmt clippy; do grep -q "^$c" <<<"$have" || rustup component add "$c"; done
 }
 
-# Formatting (rustfmt.toml) and clippy's warnings, as errors: natively, and for the page's
-# wasm32 build (its WebGPU and Blob code compiles only there).
-lint() {
-  cargo fmt --check && cargo clippy --quiet --workspace --all-targets -- -D warnings &&
-    cargo clippy --quiet -p seal-web --target "$WASM_TARGET" -- -D warnings
+# clippy's lints and every warning as errors, as the workspace's crates compile, natively and
+# for the page's wasm32 build (its WebGPU and Blob code compiles only there): see .ci/lint-rustc.
+# The tests' builds and `cargo test` share it, so nothing is compiled twice.
+lint_as_built() {
+  export RUSTC_WORKSPACE_WRAPPER="$PWD/.ci/lint-rustc"
 }
 
 install_wasm_target() {
@@ -59,7 +59,8 @@ install_wasm_bindgen() {
   version=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"$/\1/p')
   if [ "$("$TOOLS/bin/wasm-bindgen" --version 2>/dev/null)" != "wasm-bindgen $version" ]; then
     log "installing wasm-bindgen-cli $version into $TOOLS (a few minutes, once)"
-    cargo install --quiet wasm-bindgen-cli --version "$version" --root "$TOOLS"
+    # Not linted as our own crates are (cargo counts the installed package as the workspace).
+    env -u RUSTC_WORKSPACE_WRAPPER cargo install --quiet wasm-bindgen-cli --version "$version" --root "$TOOLS"
   fi
 }
 
@@ -119,14 +120,15 @@ cmd_test() {
   phase "playwright-core" install_playwright
   phase "lint tools" install_lint_tools
   phase "rust wasm target" install_wasm_target
+  lint_as_built
   # The page's module builds beside the native targets (see build_wasm).
   wasm_module &
   local wasm=$!
   # Every native target at once: the CLI the browser tests drive and the test binaries share one
   # feature resolution, so `cargo test` builds nothing again (built apart, the dependencies were
   # compiled twice: ~7 min of a cold run).
-  phase "native build" cargo build --quiet --workspace --all-targets
-  wait "$wasm" || { log "the page's wasm build FAILED"; exit 1; }
+  phase "native build and lints" cargo build --quiet --workspace --all-targets
+  wait "$wasm" || { log "the page's wasm build (or its lints) FAILED"; exit 1; }
   export SEAL_BIN="$CARGO_TARGET_DIR/debug/seal"
   # The browser tests keep about one core busy (the page's CPU engine is single-threaded wasm),
   # so they run beside lint and the native tests; their output follows when they end.
@@ -134,7 +136,7 @@ cmd_test() {
   browser_log=$(mktemp)
   (suite "browser tests" node --test tests/ && [ ${#FAILED[@]} -eq 0 ]) >"$browser_log" 2>&1 &
   local browser=$!
-  suite "rustfmt and clippy" lint
+  suite "rustfmt" cargo fmt --check
   suite "native tests" cargo test --quiet --workspace --no-fail-fast
   wait "$browser" || FAILED+=("browser tests")
   cat "$browser_log"
