@@ -71,7 +71,7 @@ pub fn parse_detector(spec: &str) -> Result<Option<Detector>, String> {
 }
 
 pub fn run(args: Args) -> Result<(), String> {
-    let session = args.model.session()?;
+    let session = args.model.session(false)?;
     let before = session.teacher().expect("the session holds the loaded model");
     let after = match &args.adapter {
         Some(path) => Some(before.with_lora(&crate::seal::read_lora(path, before)?, 1.0, LoraMode::SideBranch { trainable: false })),

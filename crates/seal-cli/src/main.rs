@@ -114,4 +114,7 @@ pub fn report_model(info: &seal_sd::pipeline::ModelInfo) {
     for note in &info.notes {
         eprintln!("seal: note: {note}");
     }
+    if let Some(why) = &info.partial {
+        eprintln!("seal: {why}");
+    }
 }

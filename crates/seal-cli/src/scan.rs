@@ -37,7 +37,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<(), String> {
     let settings = args.flags.apply("scan settings", &read_settings(args.settings.as_deref())?)?;
     let prompts = crate::read_prompts(args.prompts.as_deref())?;
-    let session = args.model.session()?;
+    let session = args.model.session(false)?;
     let suspect = session.teacher().expect("the session holds the loaded model");
     let (base, tags) = match (session.user_lora(), &args.base) {
         (Some((lora, _)), _) => (session.model().cloned(), lora_tags(&lora.metadata)),

@@ -74,11 +74,13 @@ pub fn read_lora(path: &Path, sd: &StableDiffusion) -> Result<LoraFile, String> 
 }
 
 impl ModelArgs {
-    /// A session on the CPU holding the model and, with --lora, the user's LoRA merged into
-    /// the teacher (the page's workflow, natively).
-    pub fn session(&self) -> Result<Session, String> {
+    /// A session on the CPU holding the model (with `instant_only`, only what the instant seal
+    /// needs) and, with --lora, the user's LoRA merged into the teacher (the page's workflow,
+    /// natively).
+    pub fn session(&self, instant_only: bool) -> Result<Session, String> {
         let mut session = Session::new(&Device::flex(), EngineLimits::default());
-        let loaded = session.load_model(crate::model_source(&self.model, self.config.as_deref())?)?;
+        let source = crate::model_source(&self.model, self.config.as_deref())?;
+        let loaded = if instant_only { session.load_model_for_instant_seal(source)? } else { session.load_model(source)? };
         crate::report_model(&loaded.info);
         if let Some(path) = &self.lora {
             let file = WeightFile::open(path).map_err(|e| e.to_string())?;
@@ -108,7 +110,7 @@ fn instant_settings(args: &Args, thorough: &SealSettings) -> Result<InstantSetti
 pub fn run(args: Args) -> Result<(), String> {
     let settings = settings(&args)?;
     let instant = instant_settings(&args, &settings)?;
-    let mut session = args.model.session()?;
+    let mut session = args.model.session(args.mode == SealMode::Instant)?;
     if args.sealed_lora.is_some() && session.user_lora().is_none() {
         return Err("--sealed-lora needs --lora (the LoRA to seal)".into());
     }

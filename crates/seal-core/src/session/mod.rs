@@ -9,7 +9,7 @@ mod report;
 mod tests;
 
 use burn::prelude::Device;
-use seal_sd::pipeline::{LoraMode, ModelSource, StableDiffusion};
+use seal_sd::pipeline::{LoraMode, ModelSource, Scope, StableDiffusion};
 use seal_sd::seal_weights::WeightFile;
 use seal_sd::seal_weights::lora::{LoraFile, parse_lora, write_in_format, write_kohya};
 use serde::Deserialize;
@@ -135,10 +135,24 @@ impl Session {
     /// Loads `source` as the model; everything derived from a previous one is dropped first
     /// (its weights are freed before the new ones are read).
     pub fn load_model(&mut self, source: ModelSource) -> Result<Loaded> {
+        let scope = match self.limits.weights {
+            Some((budget, hint)) => Scope::Within { budget, hint },
+            None => Scope::Whole,
+        };
+        self.load_model_within(source, scope)
+    }
+
+    /// The same, loading only what the instant seal needs (`Scope::InstantSeal`): for a run
+    /// known to be an instant seal alone, which never touches the rest.
+    pub fn load_model_for_instant_seal(&mut self, source: ModelSource) -> Result<Loaded> {
+        self.load_model_within(source, Scope::InstantSeal)
+    }
+
+    fn load_model_within(&mut self, source: ModelSource, scope: Scope) -> Result<Loaded> {
         self.model = None;
         self.teacher = None;
         self.forget_lora();
-        let model = StableDiffusion::load_within(source, &self.device, self.limits.weights)?;
+        let model = StableDiffusion::load_within(source, &self.device, scope)?;
         let loaded = Loaded { seal_size: SealSettings::default().image_size(&model)?, info: model.info.clone() };
         self.teacher = Some(model.clone());
         self.model = Some(model);

@@ -134,19 +134,24 @@ fn a_model_over_the_weight_budget_loads_for_the_instant_seal_alone_and_seals_the
     let mut part = load(whole_bytes - 1).unwrap();
     let why = part.model().unwrap().info.partial.clone().expect("loaded in part");
     assert!(why.contains("cross-attention keys and values") && why.contains("try WebGPU"), "{why}");
+    // The same part, asked for (the CLI's `seal --mode instant`), whatever the budget.
+    let mut asked = Session::new(&Device::flex(), EngineLimits::default());
+    asked.load_model_for_instant_seal(ModelSource::from_path(&fixtures().join("tiny-pixel")).unwrap()).unwrap();
+    assert!(asked.model().unwrap().info.partial.as_ref().is_some_and(|why| why.contains("cross-attention keys and values") && !why.contains("WebGPU")));
     // Nothing but the text encoder and the K/V weights was read or allocated.
     assert!(!part.model().unwrap().unet.conv_in.weight.is_initialized());
     assert!(!part.model().unwrap().inference().unet.conv_in.weight.is_initialized(), "the inference view must not fill what was not loaded");
     // The user's LoRA joins the layers the part holds (its other layers stay unread).
-    for s in [&mut whole, &mut part] {
+    for s in [&mut whole, &mut part, &mut asked] {
         s.load_lora(&weak_lora(), 1.0).unwrap();
     }
     assert_eq!(teacher_weight(&part), teacher_weight(&whole));
+    assert_eq!(teacher_weight(&asked), teacher_weight(&whole));
     assert!(!part.teacher().unwrap().unet.conv_in.weight.is_initialized());
 
     let instant = SealRequest { mode: SealMode::Instant, ..request(1) };
     let mut adapters = vec![];
-    for s in [&mut whole, &mut part] {
+    for s in [&mut whole, &mut part, &mut asked] {
         s.start_seal(instant.clone()).unwrap();
         while read_sync(s.seal_step()).unwrap().is_some() {}
         read_sync(s.finish_seal()).unwrap();
@@ -155,10 +160,12 @@ fn a_model_over_the_weight_budget_loads_for_the_instant_seal_alone_and_seals_the
     }
     let keys: Vec<&str> = adapters[0].keys().collect();
     assert!(!keys.is_empty());
-    assert_eq!(keys, adapters[1].keys().collect::<Vec<_>>());
-    for key in keys.iter().filter(|k| !k.ends_with(".alpha")) {
-        let [a, b] = [&adapters[0], &adapters[1]].map(|f| f.load_f32(key).unwrap().data);
-        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + x.abs())), "{key}");
+    for other in &adapters[1..] {
+        assert_eq!(keys, other.keys().collect::<Vec<_>>());
+        for key in keys.iter().filter(|k| !k.ends_with(".alpha")) {
+            let [a, b] = [&adapters[0], other].map(|f| f.load_f32(key).unwrap().data);
+            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + x.abs())), "{key}");
+        }
     }
 
     // What needs the UNet or the VAE is refused, saying why.

@@ -71,13 +71,12 @@ pub struct StableDiffusion {
 
 impl StableDiffusion {
     pub fn load(source: ModelSource, device: &Device) -> Result<Self, ModelError> {
-        Self::load_within(source, device, None)
+        Self::load_within(source, device, Scope::Whole)
     }
 
-    /// `load` within `budget` = (f32 bytes, what to try instead), decided before any weight is
-    /// read: a larger model is loaded in part, for the instant seal (`info.partial` says so),
-    /// or refused when even that part exceeds the budget.
-    pub fn load_within(source: ModelSource, device: &Device, budget: Option<(u64, &str)>) -> Result<Self, ModelError> {
+    /// `load` of what `scope` asks for, decided before any weight is read (`info.partial` says
+    /// when the model was loaded in part).
+    pub fn load_within(source: ModelSource, device: &Device, scope: Scope) -> Result<Self, ModelError> {
         let (configs, unet_w, text_w, vae_w, source_name, notes) = match source {
             ModelSource::Folder(files) => {
                 let mut files = normalize_folder(files);
@@ -120,28 +119,25 @@ impl StableDiffusion {
             Some(DType::BF16) => "bf16",
             _ => "f32",
         };
-        // Over the budget, the instant seal's weights alone may still fit: load those.
-        let mut partial = None;
-        if let Some((budget, hint)) = budget {
-            let f32_bytes = |c: &seal_weights::Component, wanted: &dyn Fn(&str) -> bool| -> u64 {
-                c.keys().filter(|k| wanted(k)).filter_map(|k| c.shape(k)).map(|s| 4 * s.iter().product::<usize>() as u64).sum()
-            };
-            let needed = f32_bytes(&unet_w, &|_| true) + f32_bytes(&text_w, &|_| true) + f32_bytes(&vae_w, &|_| true);
-            let instant = f32_bytes(&unet_w, &is_instant_seal_weight) + f32_bytes(&text_w, &|_| true);
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-            if instant > budget {
+        let f32_bytes = |c: &seal_weights::Component, wanted: &dyn Fn(&str) -> bool| -> u64 {
+            c.keys().filter(|k| wanted(k)).filter_map(|k| c.shape(k)).map(|s| 4 * s.iter().product::<usize>() as u64).sum()
+        };
+        let needed = f32_bytes(&unet_w, &|_| true) + f32_bytes(&text_w, &|_| true) + f32_bytes(&vae_w, &|_| true);
+        let instant = f32_bytes(&unet_w, &is_instant_seal_weight) + f32_bytes(&text_w, &|_| true);
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let loaded =
+            format!("only the text encoder and the UNet's cross-attention keys and values were loaded ({:.2} GiB as f32), which is all the instant seal needs", gib(instant));
+        let whole = format!("the whole model takes {:.1} GiB", gib(needed));
+        let partial = match scope {
+            Scope::Whole => None,
+            Scope::InstantSeal => Some(format!("{loaded} ({whole})")),
+            // Over the budget, the instant seal's weights alone may still fit: load those.
+            Scope::Within { budget, hint } if instant > budget => {
                 return Err(ModelError::TooLarge { model: source_name, needed_gib: gib(needed), budget_gib: gib(budget), hint: hint.into() });
             }
-            if needed > budget {
-                partial = Some(format!(
-                    "only the text encoder and the UNet's cross-attention keys and values were loaded ({:.2} GiB as f32), which is all the instant seal needs: \
-                     the whole model takes {:.1} GiB, more than the {:.1} GiB this engine can hold; {hint}",
-                    gib(instant),
-                    gib(needed),
-                    gib(budget)
-                ));
-            }
-        }
+            Scope::Within { budget, hint } if needed > budget => Some(format!("{loaded}: {whole}, more than the {:.1} GiB this engine can hold; {hint}", gib(budget))),
+            Scope::Within { .. } => None,
+        };
         let unet = UNet2DConditionModel::new(&unet_config, device);
         let (unet, mut unused) = if partial.is_some() { load_module_where(unet, &unet_w, &is_instant_seal_weight)? } else { load_module(unet, &unet_w)? };
         let (text_encoder, unused_text) = load_module(ClipTextModel::new(&text_config, device), &text_w)?;
@@ -304,6 +300,19 @@ pub fn is_instant_seal_layer(path: &str) -> bool {
 
 fn is_instant_seal_weight(key: &str) -> bool {
     key.strip_suffix(".weight").is_some_and(is_instant_seal_layer)
+}
+
+/// How much of a model `StableDiffusion::load_within` loads.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// All of it.
+    Whole,
+    /// All of it when its weights fit `budget` f32 bytes; else what the instant seal needs
+    /// when that fits, else nothing (an error); `hint` says what to try instead.
+    Within { budget: u64, hint: &'a str },
+    /// What the instant seal needs: the text encoder and the UNet's cross-attention keys and
+    /// values (its only work, so the rest need not be read).
+    InstantSeal,
 }
 
 /// How a LoRA joins the model.
@@ -578,7 +587,7 @@ mod loading_tests {
 
     #[test]
     fn a_model_beyond_the_memory_budget_loads_in_part_or_is_refused_before_loading() {
-        let load = |budget: u64| StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Some((budget, "try WebGPU")));
+        let load = |budget: u64| StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Scope::Within { budget, hint: "try WebGPU" });
         // Below even the text encoder: refused.
         let err = load(1 << 10).err().unwrap().to_string();
         assert!(err.starts_with("diffusers folder: its weights take 0.0 GiB as f32, more than the 0.0 GiB") && err.ends_with("try WebGPU"), "{err}");
@@ -587,6 +596,10 @@ mod loading_tests {
         assert!(part.info.partial.as_ref().is_some_and(|why| why.starts_with("only the text encoder") && why.ends_with("try WebGPU")), "{:?}", part.info.partial);
         assert!(part.require_whole("generating images").is_err() && !part.vae.decoder.conv_in.weight.is_initialized());
         assert!(load(1 << 30).unwrap().info.partial.is_none());
+        // Asked for: the same part, whatever the budget.
+        let part = StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Scope::InstantSeal).unwrap();
+        assert!(part.info.partial.as_ref().is_some_and(|why| why.ends_with("which is all the instant seal needs (the whole model takes 0.0 GiB)")), "{:?}", part.info.partial);
+        assert!(!part.unet.conv_in.weight.is_initialized() && part.text_encoder.text_model.final_layer_norm.weight.is_initialized());
     }
 
     #[test]
