@@ -375,8 +375,7 @@ impl Sealer {
     fn start_sampling(&mut self) -> PoolSampling {
         let s = &self.settings;
         let prompts: Vec<usize> = (0..s.batch).map(|_| self.rng.below(self.prompts.len())).collect();
-        let on_policy = s.latents == LatentSource::Student;
-        let (model, text): (StableDiffusion, Vec<String>) = if on_policy {
+        let (model, text): (StableDiffusion, Vec<String>) = if s.latents == LatentSource::Student {
             let text = prompts.iter().map(|&i| {
                 let trigger = &self.triggers[self.rng.below(self.triggers.len())];
                 insert(&self.prompts[i], trigger, s.placement, &mut SeededRng::new(self.rng.next_u64()))
@@ -420,8 +419,8 @@ impl Sealer {
         progress
     }
 
-    /// The time left: the steps at their own mean pace, and the pool's samplings still to come
-    /// at theirs. (At the mean pace of whole steps, the first step's sampling would make the
+    /// The time left: the steps at their own mean pace, and the pool's sampler steps still to
+    /// come at theirs. (At the mean pace of whole steps, the first step's sampling would make the
     /// ETA several times too long at the start.)
     fn eta_s(&self, elapsed_s: f64) -> f64 {
         let steps = (elapsed_s - self.sampling_s).max(0.0) / self.step.max(1) as f64 * self.settings.steps.saturating_sub(self.step) as f64;
