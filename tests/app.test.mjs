@@ -65,11 +65,13 @@ test("the demo: load, seal a few steps with the page responsive, compare, downlo
     await page.check("#mode input[value=both]");
     for (const shown of ["#settings", "#advanced", "#instant-settings-box"]) assert.ok(await page.isVisible(shown), shown);
 
-    // Every line the progress text shows, to find the pool's sampling among them.
+    // Every line the progress text shows, to find the pool's sampling among them. The observer
+    // is kept on window: one nothing refers to may be collected mid-run.
     await page.evaluate(() => {
       window.progressLines = [];
       const text = document.querySelector("#progress-text");
-      new MutationObserver(() => window.progressLines.push(text.textContent)).observe(text, { childList: true, characterData: true, subtree: true });
+      window.progressObserver = new MutationObserver(() => window.progressLines.push(text.textContent));
+      window.progressObserver.observe(text, { childList: true, characterData: true, subtree: true });
     });
     await page.click("#seal");
     await page.waitForSelector("#progress-text[data-step='1']", { timeout: 120_000 });
@@ -86,12 +88,12 @@ test("the demo: load, seal a few steps with the page responsive, compare, downlo
     // Read in one go: the third (last) step may already have landed.
     const [bar, text] = await page.evaluate(() => [document.querySelector("#progress").value, Number(document.querySelector("#progress-text").dataset.step)]);
     assert.ok(bar >= 2 && bar === text, `bar ${bar}, text step ${text}`);
+
+    await page.waitForSelector("#compare-section:not([hidden])", { timeout: 240_000 });
     // The first step's trajectories were sampled a sampler step at a time, each reported.
     const lines = await page.evaluate(() => window.progressLines);
     const sampling = lines.filter((l) => /^Sealing: sampling the trajectories the next steps train on, \d of 8/.test(l));
     assert.ok(sampling.length >= 8 && sampling.some((l) => l.includes("8 of 8")), JSON.stringify(lines));
-
-    await page.waitForSelector("#compare-section:not([hidden])", { timeout: 240_000 });
     for (const img of ["#grid", "#heat-before", "#heat-after"]) {
       await page.waitForFunction((s) => document.querySelector(s).naturalWidth > 0, img);
     }
