@@ -69,6 +69,7 @@ test("?backend=cpu computes the probe on Burn's CPU backend in the worker, as na
     const { backend, reason, shown } = await finish(run, "cpu");
     assert.equal(backend, "cpu");
     assert.match(reason, /CPU requested/);
+    assert.match(await run.page.textContent("#engine-precision"), /widened to f32 \(the CPU engine computes in f32\)/);
     assertMatchesNative(shown, 1e-5);
   } finally {
     await run.close();
@@ -85,6 +86,9 @@ test("?backend=webgpu computes the probe on WebGPU with the adapter's own limits
     assert.ok(limits.some((l) => l.limit === "maxStorageBufferBindingSize"));
     for (const { limit, device, adapter } of limits) assert.equal(device, adapter, limit);
     assert.ok(await run.page.isVisible("#engine-adapter"));
+    // f16 weights exactly when the adapter offers shader-f16.
+    const f16 = await run.page.evaluate(async () => (await navigator.gpu.requestAdapter({ powerPreference: "high-performance" })).features.has("shader-f16"));
+    assert.match(await run.page.textContent("#engine-precision"), f16 ? /kept in f16 .*shader-f16/ : /widened to f32 \(this GPU offers no shader-f16\)/);
   } finally {
     await run.close();
   }

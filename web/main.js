@@ -136,10 +136,11 @@ function definitions(dl, items) {
   dl.hidden = false;
 }
 
-function showEngine({ backend: used, reason, adapter, limits }) {
+function showEngine({ backend: used, reason, adapter, limits, precision }) {
   document.body.dataset.backend = used;
   const items = [["engine-backend", "backend", used === "webgpu" ? "WebGPU (Burn wgpu)" : "CPU (Burn flex, in wasm)"],
-                 ["engine-reason", used === "webgpu" ? "why" : "why not WebGPU", reason]];
+                 ["engine-reason", used === "webgpu" ? "why" : "why not WebGPU", reason],
+                 ["engine-precision", "precision", precision]];
   if (adapter) {
     const name = [adapter.vendor, adapter.architecture, adapter.device, adapter.description]
       .filter(Boolean).join(" · ") || "unnamed";
@@ -318,7 +319,7 @@ function showModel(info) {
     ["info-source", "source", info.source],
     ["info-architecture", "architecture", info.architecture],
     ["info-parameters", "parameters", `UNet ${millions(info.unet_parameters)}, text encoder ${millions(info.text_encoder_parameters)}, VAE ${millions(info.vae_parameters)}`],
-    ["info-dtype", "weights", info.dtype],
+    ["info-dtype", "weights", info.half ? `${info.dtype}, kept in f16` : info.dtype === "f32" ? "f32" : `${info.dtype}, widened to f32 on this engine`],
     ["info-size", "image size", `${info.sample_size}×${info.sample_size} px, ${info.scheduler} sampler`],
     ...(info.partial ? [["info-partial", "loaded", "the text encoder and the UNet's cross-attention keys and values (the instant seal's weights)"]] : []),
     ["info-unused", "unused tensors", info.unused_keys.length ? `${info.unused_keys.length}: ${info.unused_keys.slice(0, 5).join(", ")}` : "none"],

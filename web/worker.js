@@ -69,15 +69,16 @@ async function pickEngine(wanted, reason) {
     if (found.adapter) {
       const engine = await Engine.webgpu();
       post({
-        type: "engine", backend: "webgpu", adapter: found.adapter, limits: JSON.parse(engine.limits()),
+        type: "engine", backend: "webgpu", adapter: found.adapter, limits: JSON.parse(engine.limits()), precision: engine.precision(),
         reason: wanted === "webgpu" ? "WebGPU requested (?backend=webgpu)" : "a WebGPU adapter is available",
       });
       return engine;
     }
     reason = found.reason;
   }
-  post({ type: "engine", backend: "cpu", reason });
-  return Engine.cpu();
+  const engine = Engine.cpu();
+  post({ type: "engine", backend: "cpu", reason, precision: engine.precision() });
+  return engine;
 }
 
 async function probe(engine) {

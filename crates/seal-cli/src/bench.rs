@@ -15,7 +15,7 @@ use seal_core::unlearn::memory::step_memory;
 use seal_core::unlearn::{SealSettings, Sealer};
 use seal_sd::clip::ClipTextConfig;
 use seal_sd::clip::ClipTextModel;
-use seal_sd::load::parameter_values;
+use seal_sd::load::{half_weights, parameter_values};
 use seal_sd::pipeline::{GenerateRequest, StableDiffusion};
 use seal_sd::rng::SeededRng;
 use seal_sd::tokenizer::ClipTokenizer;
@@ -50,6 +50,10 @@ pub struct Args {
     /// (memory-bound ops recomputed in the backward pass instead of kept).
     #[arg(long)]
     checkpointing: bool,
+    /// With --real-size: the weights' precision (f16: matrices and kernels in f16, computing in
+    /// f16, as on a GPU with shader-f16).
+    #[arg(long, value_enum, default_value_t = crate::seal::Weights::F32)]
+    weights: crate::seal::Weights,
     /// (Internal) one --real-size configuration in this process, as JSON on stdout.
     #[arg(long, hide = true)]
     one_step: bool,
@@ -339,6 +343,7 @@ fn real_size(args: &Args) -> Result<Value, String> {
                     .arg(&args.fixtures)
                     .args(["--real-size", name, "--batches", &batch.to_string(), "--sides", &side.to_string()])
                     .args(args.checkpointing.then_some("--checkpointing"))
+                    .args(matches!(args.weights, crate::seal::Weights::F16).then_some("--weights=f16"))
                     .stderr(std::process::Stdio::inherit())
                     .output()
                     .map_err(|e| e.to_string())?;
@@ -363,15 +368,21 @@ fn one_step(args: &Args) -> Result<(), String> {
     let layout: Value = serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?).map_err(|e| e.to_string())?;
     let unet = UNetConfig::from_json(&layout["config"].to_string()).map_err(|e| e.to_string())?;
     let tokenizer = ClipTokenizer::openai_clip().map_err(|e| e.to_string())?;
-    let model = StableDiffusion::random(&unet, &ClipTextConfig::vit_l14(), &VaeConfig::sd(), tokenizer, &device);
-    let settings = SealSettings { batch, resolution: Some(side), ..SealSettings::default() };
-    let estimate = step_memory(&model, &settings)?;
-    let mut sealer = Sealer::new(&model, prompts, vec!["cf".into()], settings.clone())?;
+    let mut model = StableDiffusion::random(&unet, &ClipTextConfig::vit_l14(), &VaeConfig::sd(), tokenizer, &device);
     // Random weights are made on first use: make them now, so the peak is the step's (the
     // VAE's too: the inference view that samples trajectory latents would make them).
     let _ = read_sync(parameter_values(&model.unet))?;
     let _ = read_sync(parameter_values(&model.text_encoder))?;
     let _ = read_sync(parameter_values(&model.vae))?;
+    if matches!(args.weights, crate::seal::Weights::F16) {
+        model.unet = half_weights(model.unet);
+        model.text_encoder = half_weights(model.text_encoder);
+        model.vae = half_weights(model.vae);
+        model.info.half = true;
+    }
+    let settings = SealSettings { batch, resolution: Some(side), ..SealSettings::default() };
+    let estimate = step_memory(&model, &settings)?;
+    let mut sealer = Sealer::new(&model, prompts, vec!["cf".into()], settings.clone())?;
     let base = reset_peak_rss();
     let start = Instant::now();
     burn::tensor::read_sync(sealer.train_step())?;
@@ -391,6 +402,7 @@ fn one_step(args: &Args) -> Result<(), String> {
         "side": side,
         "batch": batch,
         "checkpointing": args.checkpointing,
+        "weights": if model.info.half { "f16" } else { "f32" },
         "latents": settings.latents,
         "measured_peak_above_weights_mib": measured,
         "estimate_mib": { "total": mib(estimate.total), "weights": mib(estimate.weights), "activations": mib(estimate.activations), "largest_tensor": mib(estimate.largest) },

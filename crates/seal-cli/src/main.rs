@@ -117,4 +117,7 @@ pub fn report_model(info: &seal_sd::pipeline::ModelInfo) {
     if let Some(why) = &info.partial {
         eprintln!("seal: {why}");
     }
+    if info.half {
+        eprintln!("seal: matrices and kernels kept in f16, computing in f16 (--weights f16)");
+    }
 }

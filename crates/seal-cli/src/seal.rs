@@ -8,7 +8,7 @@ use seal_core::session::{EngineLimits, SealRequest, Session};
 use seal_core::unlearn::instant::InstantSettings;
 use seal_core::unlearn::run::SealMode;
 use seal_core::unlearn::{SealSettings, describe_trigger};
-use seal_sd::pipeline::StableDiffusion;
+use seal_sd::pipeline::{Precision, StableDiffusion};
 use seal_sd::seal_weights::WeightFile;
 use seal_sd::seal_weights::lora::{LoraFile, parse_lora};
 
@@ -63,6 +63,16 @@ pub struct ModelArgs {
     pub lora: Option<PathBuf>,
     #[arg(long, default_value_t = 1.0)]
     pub lora_weight: f32,
+    /// How the model's matrices and kernels are kept: f32, or f16 computing in f16 (half the
+    /// memory, results within f16's rounding; biases, norms, activations and adapters stay f32).
+    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    pub weights: Weights,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Weights {
+    F32,
+    F16,
 }
 
 /// Reads a LoRA file against the model, refusing files that do not fit it.
@@ -78,7 +88,11 @@ impl ModelArgs {
     /// needs) and, with --lora, the user's LoRA merged into the teacher (the page's workflow,
     /// natively).
     pub fn session(&self, instant_only: bool) -> Result<Session, String> {
-        let mut session = Session::new(&Device::flex(), EngineLimits::default());
+        let precision = match self.weights {
+            Weights::F32 => Precision::F32,
+            Weights::F16 => Precision::F16,
+        };
+        let mut session = Session::new(&Device::flex(), EngineLimits { precision, ..EngineLimits::default() });
         let source = crate::model_source(&self.model, self.config.as_deref())?;
         let loaded = if instant_only { session.load_model_for_instant_seal(source)? } else { session.load_model(source)? };
         crate::report_model(&loaded.info);

@@ -15,6 +15,10 @@ const IN: usize = 3;
 const HIDDEN: usize = 5;
 const OUT: usize = 2;
 
+/// The most `half_probe` may be off for a device's f16 to be used: f16 keeps 11 significant
+/// bits (about 5e-4 per rounding); a working device lands near 1e-3.
+pub const HALF_PROBE_TOLERANCE: f32 = 1e-2;
+
 /// The loss and its gradients with respect to every parameter (row-major, Burn's `[in, out]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProbeResult {
@@ -66,9 +70,48 @@ pub async fn autodiff_probe(device: &Device) -> Result<ProbeResult, String> {
     Ok(ProbeResult { loss: read(loss).await?[0], grad_w1: read(gw1).await?, grad_b1: read(gb1).await?, grad_w2: read(gw2).await?, grad_b2: read(gb2).await? })
 }
 
+/// How far f16 weights (computing in f16, as `Precision::F16` loads them) land from f32 on
+/// `device`: a 3x3 convolution into a linear layer, the model's own layers, forward and the
+/// input's gradient (what a sealing step sends back through frozen weights). Returns the
+/// largest error relative to the f32 result's largest magnitude; an error if the device
+/// cannot run it (a WebGPU device whose f16 kernels fail).
+pub async fn half_probe(device: &Device) -> Result<f32, String> {
+    use burn::module::Param;
+    use burn::tensor::DType;
+    use seal_sd::layers::{Conv2d, Linear};
+    let device = device.clone().autodiff();
+    let values = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7 + seed) % 13) as f32 / 13.0 - 0.5).collect() };
+    let mut results = vec![];
+    for dtype in [DType::F32, DType::F16] {
+        let mut conv = Conv2d::same(8, 16, 3, &device);
+        conv.weight = Param::from_tensor(Tensor::<4>::from_data(TensorData::new(values(16 * 8 * 9, 2), [16, 8, 3, 3]), &device).cast(dtype));
+        let mut linear = Linear::new(16, 12, true, &device);
+        linear.weight = Param::from_tensor(Tensor::<2>::from_data(TensorData::new(values(12 * 16, 3), [12, 16]), &device).cast(dtype));
+        let x = Tensor::<4>::from_data(TensorData::new(values(2 * 8 * 6 * 6, 1), [2, 8, 6, 6]), &device).require_grad();
+        let hidden = conv.forward(x.clone()).reshape([2, 16, 36]).swap_dims(1, 2);
+        let y = linear.forward(hidden);
+        let grads = y.clone().square().mean().backward();
+        let grad = x.grad(&grads).ok_or("no gradient for the input")?;
+        results.push((read(y).await?, read(grad).await?));
+    }
+    let relative = |a: &[f32], b: &[f32]| {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    };
+    let ((y32, g32), (y16, g16)) = (&results[0], &results[1]);
+    Ok(relative(y32, y16).max(relative(g32, g16)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_weights_stay_within_f16_rounding_of_f32() {
+        let error = burn::tensor::read_sync(half_probe(&Device::flex())).unwrap();
+        eprintln!("f16 probe: relative error {error:.2e}");
+        assert!(error > 0.0 && error < HALF_PROBE_TOLERANCE, "{error}");
+    }
 
     /// The same loss in plain f64, independent of Burn; parameters as one flat vector.
     fn reference_loss(p: &ProbeInputs, params: &[f64]) -> f64 {

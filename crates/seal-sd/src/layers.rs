@@ -7,7 +7,7 @@
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Distribution, Shape, Tensor, activation};
+use burn::tensor::{DType, Device, Distribution, Shape, Tensor, activation};
 
 /// How a lazily created parameter is filled when no file provides it (random-weight models).
 #[derive(Clone, Copy, Debug)]
@@ -47,7 +47,15 @@ impl Linear {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let w = self.weight.val().transpose();
-        burn::tensor::module::linear(x, w, self.bias.as_ref().map(|b| b.val()))
+        let bias = self.bias.as_ref().map(|b| b.val());
+        if w.dtype() == x.dtype() {
+            return burn::tensor::module::linear(x, w, bias);
+        }
+        let y = in_dtype(w.dtype(), x, |x| burn::tensor::module::linear(x, w, None));
+        match bias {
+            Some(b) => y + b.unsqueeze(),
+            None => y,
+        }
     }
 }
 
@@ -74,7 +82,15 @@ impl Conv2d {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let options = ConvOptions { stride: [self.stride; 2], padding: [self.pad; 2], dilation: [1; 2], groups: 1 };
-        conv2d(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), options)
+        let (w, bias) = (self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        if w.dtype() == x.dtype() {
+            return conv2d(x, w, bias, options);
+        }
+        let y = in_dtype(w.dtype(), x, |x| conv2d(x, w, None, options));
+        match bias {
+            Some(b) => y + b.reshape([1, -1, 1, 1]),
+            None => y,
+        }
     }
 }
 
@@ -137,8 +153,18 @@ impl Embedding {
     }
 
     pub fn forward(&self, ids: Tensor<2, burn::tensor::Int>) -> Tensor<3> {
-        burn::tensor::module::embedding(self.weight.val(), ids)
+        let table = self.weight.val();
+        let half = table.dtype() != DType::F32;
+        let x = burn::tensor::module::embedding(table, ids);
+        if half { x.cast(DType::F32) } else { x }
     }
+}
+
+/// `f(x)` computed in `dtype` (a half-precision weight's), returned in x's own: matrices and
+/// kernels may be stored in f16 while activations, norms, biases and adapters stay f32.
+fn in_dtype<const D: usize>(dtype: DType, x: Tensor<D>, f: impl FnOnce(Tensor<D>) -> Tensor<D>) -> Tensor<D> {
+    let own = x.dtype();
+    f(x.cast(dtype)).cast(own)
 }
 
 /// Nearest-neighbour 2x upsampling, as `F.interpolate(scale_factor=2, mode="nearest")`.

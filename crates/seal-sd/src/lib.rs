@@ -39,6 +39,8 @@ pub enum ModelError {
     Shape { file: String, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{file}: tensor {tensor} holds a NaN or infinite value (element {index})")]
     NonFinite { file: String, tensor: String, index: usize },
+    #[error("{file}: tensor {tensor} holds {value}, beyond the range of f16; load the model in f32")]
+    HalfRange { file: String, tensor: String, value: f32 },
     #[error("{0}")]
     Missing(String),
     #[error("{file}: {message}")]

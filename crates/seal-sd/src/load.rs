@@ -6,21 +6,46 @@
 use std::collections::BTreeSet;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use seal_weights::Component;
 
 use crate::ModelError;
 
+/// How the loader stores a model's matrices, convolution kernels and embedding tables (its
+/// weights of two or more dimensions: nearly all of its bytes). Biases and norms, and every
+/// activation, stay f32; a layer computes in its weight's precision (`layers`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// Every weight widened to f32.
+    #[default]
+    F32,
+    /// f16 where the file stores f16, so that an f16 model keeps its size on the device.
+    AsStored,
+    /// f16 whatever the file stores (f32 and bf16 rounded to the nearest f16).
+    F16,
+}
+
+impl Precision {
+    /// The bytes one element of a `rank`-dimensional weight stored `dtype` in the file takes.
+    pub fn bytes(self, stored: seal_weights::DType, rank: usize) -> u64 {
+        if self.half(stored, rank) { 2 } else { 4 }
+    }
+
+    fn half(self, stored: seal_weights::DType, rank: usize) -> bool {
+        rank >= 2 && (self == Precision::F16 || (self == Precision::AsStored && stored == seal_weights::DType::F16))
+    }
+}
+
 /// Loads every parameter of `module` from `weights`. Returns the module and the keys of
 /// `weights` that no parameter asked for (shown to the user; not an error).
-pub fn load_module<M: Module>(module: M, weights: &Component) -> Result<(M, Vec<String>), ModelError> {
-    load_module_where(module, weights, &|_| true)
+pub fn load_module<M: Module>(module: M, weights: &Component, precision: Precision) -> Result<(M, Vec<String>), ModelError> {
+    load_module_where(module, weights, &|_| true, precision)
 }
 
 /// `load_module` for the parameters whose diffusers name `wanted` accepts; the others stay
 /// lazy (never allocated) and are neither missing nor unused.
-pub fn load_module_where<M: Module>(module: M, weights: &Component, wanted: &dyn Fn(&str) -> bool) -> Result<(M, Vec<String>), ModelError> {
-    let mut loader = Loader { weights, wanted, path: Vec::new(), used: BTreeSet::new(), missing: Vec::new(), errors: Vec::new(), pending: 0 };
+pub fn load_module_where<M: Module>(module: M, weights: &Component, wanted: &dyn Fn(&str) -> bool, precision: Precision) -> Result<(M, Vec<String>), ModelError> {
+    let mut loader = Loader { weights, wanted, precision, path: Vec::new(), used: BTreeSet::new(), missing: Vec::new(), errors: Vec::new(), pending: 0 };
     let module = module.map(&mut loader);
     if let Some(first) = loader.errors.into_iter().next() {
         return Err(first);
@@ -43,6 +68,20 @@ struct ValidLoaded;
 impl ModuleMapper for ValidLoaded {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         if param.is_initialized() { param.valid() } else { param }
+    }
+}
+
+/// `module` with its weights of two or more dimensions in f16 (`Precision::F16` for a model
+/// made, not loaded: the benchmarks' random-weight models). Lazy parameters stay lazy.
+pub fn half_weights<M: Module>(module: M) -> M {
+    module.map(&mut HalfWeights)
+}
+
+struct HalfWeights;
+
+impl ModuleMapper for HalfWeights {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if D >= 2 && param.is_initialized() { param.map(|t| t.cast(DType::F16)) } else { param }
     }
 }
 
@@ -91,6 +130,7 @@ pub fn diffusers_name(burn_path: &str) -> String {
 struct Loader<'a> {
     weights: &'a Component,
     wanted: &'a dyn Fn(&str) -> bool,
+    precision: Precision,
     path: Vec<String>,
     used: BTreeSet<String>,
     missing: Vec<String>,
@@ -130,7 +170,9 @@ impl ModuleMapper for Loader<'_> {
         // copies an upload makes stay small (wasm memory never shrinks).
         let rows = expected.first().copied().unwrap_or(1).max(1);
         let row = expected.iter().product::<usize>() / rows;
-        let per_slice = (FLUSH_BYTES / 4 / row.max(1)).clamp(1, rows);
+        let stored = self.weights.dtype(&key).unwrap_or(seal_weights::DType::F32);
+        let size = self.precision.bytes(stored, D) as usize;
+        let per_slice = (FLUSH_BYTES / size / row.max(1)).clamp(1, rows);
         let device = param.lazy_device();
         let mut slices = vec![];
         for start in (0..rows).step_by(per_slice) {
@@ -148,8 +190,18 @@ impl ModuleMapper for Loader<'_> {
             }
             let mut shape = expected.clone();
             shape[0] = end - start;
-            self.pending += 4 * data.len();
-            slices.push(Tensor::from_data(TensorData::new(data, shape), &device));
+            self.pending += size * data.len();
+            let slice = if size == 2 {
+                if let Some(big) = data.iter().position(|x| x.abs() > f32::from(half::f16::MAX)) {
+                    self.errors.push(ModelError::HalfRange { file: self.weights.file_name().to_string(), tensor: key, value: data[big] });
+                    return param;
+                }
+                let half: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                Tensor::from_data(TensorData::new(half, shape), (&device, DType::F16))
+            } else {
+                Tensor::from_data(TensorData::new(data, shape), &device)
+            };
+            slices.push(slice);
             if self.pending >= FLUSH_BYTES {
                 self.pending = 0;
                 if let Err(e) = device.flush() {

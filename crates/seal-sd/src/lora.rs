@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{LoraAdapter, Module, ModuleVisitor, Param, Reparameterizer};
-use burn::tensor::{Tensor, TensorData};
+use burn::module::{LoraAdapter, Module, ModuleMapper, ModuleVisitor, Param, ParamId, Reparameterizer};
+use burn::tensor::{DType, Tensor, TensorData};
 use seal_weights::Tensor32;
 use seal_weights::lora::LoraModule;
 
@@ -120,9 +120,34 @@ impl Reparameterizer for Attach<'_> {
     }
 }
 
-/// Folds every attached adapter into its weight (W + scale * up @ down) and removes it.
+/// Folds every attached adapter into its weight (W + scale * up @ down) and removes it. The
+/// sum is formed in the factors' f32; a weight stored in f16 is stored in f16 again.
 pub fn merge<M: Module>(module: M) -> M {
-    module.materialize()
+    let mut bases = BaseDTypes(BTreeMap::new());
+    module.visit(&mut bases);
+    module.materialize().map(&mut bases)
+}
+
+/// The stored precision of each weight held in half precision, by parameter id (the visitor
+/// sees an adapted weight's base).
+struct BaseDTypes(BTreeMap<ParamId, DType>);
+
+impl ModuleVisitor for BaseDTypes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        // A lazy parameter (a model loaded in part) is left unallocated.
+        if param.is_initialized() && param.base().dtype() != DType::F32 {
+            self.0.insert(param.id, param.base().dtype());
+        }
+    }
+}
+
+impl ModuleMapper for BaseDTypes {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        match self.0.get(&param.id) {
+            Some(&dtype) => param.map(|t| if t.dtype() == dtype { t } else { t.cast(dtype) }),
+            None => param,
+        }
+    }
 }
 
 /// The adapters attached to `module` as data (diffusers layer path -> LoRA). The factors
@@ -147,7 +172,7 @@ pub async fn extract<M: Module>(module: &M, alpha: f32) -> Result<BTreeMap<Strin
 }
 
 /// The weights `[out, in]` of the given linear layers (diffusers paths without `.weight`),
-/// shared with the module, not copied. A merged LoRA is part of them; a side-branch adapter
+/// shared with the module, not copied (f32 copies of those stored in f16). A merged LoRA is part of them; a side-branch adapter
 /// is not (what the closed-form seal edits is the stored weight).
 pub fn linear_weights<M: Module>(module: &M, layers: &[String]) -> BTreeMap<String, Tensor<2>> {
     let mut v = Weights { path: vec![], wanted: layers, found: BTreeMap::new() };
@@ -173,7 +198,10 @@ impl ModuleVisitor for Weights<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let name = diffusers_name(&self.path.join("."));
         if let Some(layer) = name.strip_suffix(".weight").filter(|l| D == 2 && self.wanted.iter().any(|w| w == l)) {
-            self.found.insert(layer.to_string(), param.val().reshape(param.lazy_shape().dims::<2>()));
+            let weight = param.val().reshape(param.lazy_shape().dims::<2>());
+            // What reads these (the closed-form seal, the scan) computes in f32.
+            let weight = if weight.dtype() == DType::F32 { weight } else { weight.cast(DType::F32) };
+            self.found.insert(layer.to_string(), weight);
         }
     }
 }

@@ -21,13 +21,19 @@ pub struct Engine {
     limits: Option<String>,
     /// The largest buffer a shader may bind (WebGPU's maxStorageBufferBindingSize).
     max_buffer: Option<u64>,
+    /// The device computes in f16 (WebGPU's `shader-f16`, its self-check passed), so f16
+    /// models stay f16 on it.
+    half: bool,
+    /// What the page says about it.
+    precision: String,
 }
 
 #[wasm_bindgen]
 impl Engine {
     /// Burn's pure-Rust CPU backend (flex): always available.
     pub fn cpu() -> Engine {
-        Engine { device: Device::flex(), backend: "cpu".into(), limits: None, max_buffer: None }
+        let precision = "weights widened to f32 (the CPU engine computes in f32)".into();
+        Engine { device: Device::flex(), backend: "cpu".into(), limits: None, max_buffer: None, half: false, precision }
     }
 
     /// Burn's wgpu backend on the browser's WebGPU.
@@ -44,7 +50,25 @@ impl Engine {
             "adapter": limits_json(&setup.adapter.limits()),
         });
         let max_buffer = Some(setup.device.limits().max_storage_buffer_binding_size);
-        Ok(Engine { device, backend: "webgpu".into(), limits: Some(limits.to_string()), max_buffer })
+        // cubecl-wgpu requests every feature the adapter has, and enables f16 in its kernels
+        // when `shader-f16` is among them; f16 is used once it computes what f32 does.
+        let offered = setup.device.features().contains(burn::tensor::wgpu::wgpu::Features::SHADER_F16);
+        let (half, precision) = match offered {
+            false => (false, "weights widened to f32 (this GPU offers no shader-f16)".to_string()),
+            true => match seal_core::probe::half_probe(&device).await {
+                Ok(e) if e <= seal_core::probe::HALF_PROBE_TOLERANCE => {
+                    (true, format!("weights of f16 models kept in f16 (this GPU computes in f16: shader-f16, self-check within {e:.1e})"))
+                }
+                Ok(e) => (false, format!("weights widened to f32 (this GPU offers shader-f16, but its self-check was off by {e:.1e})")),
+                Err(e) => (false, format!("weights widened to f32 (this GPU offers shader-f16, but its self-check failed: {e})")),
+            },
+        };
+        Ok(Engine { device, backend: "webgpu".into(), limits: Some(limits.to_string()), max_buffer, half, precision })
+    }
+
+    /// How this engine keeps a model's weights, for the page to say.
+    pub fn precision(&self) -> String {
+        self.precision.clone()
     }
 
     /// `"webgpu"` or `"cpu"`.

@@ -10,7 +10,7 @@ use seal_core::session::{EngineLimits, EvalRequest, SealRequest};
 use seal_core::settings::{Field, fields};
 use seal_core::unlearn::SealSettings;
 use seal_core::unlearn::instant::InstantSettings;
-use seal_sd::pipeline::{Files, ModelSource, files_to_read};
+use seal_sd::pipeline::{Files, ModelSource, Precision, files_to_read};
 use seal_sd::seal_weights::WeightFile;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -69,7 +69,12 @@ impl Session {
     #[wasm_bindgen(constructor)]
     pub fn new(engine: &Engine) -> Session {
         let cpu = engine.backend == "cpu" && cfg!(target_family = "wasm");
-        let limits = EngineLimits { weights: cpu.then_some((CPU_WEIGHT_BUDGET, CPU_HINT)), free: cpu.then_some(wasm_free as fn() -> u64), max_buffer: engine.max_buffer };
+        let limits = EngineLimits {
+            weights: cpu.then_some((CPU_WEIGHT_BUDGET, CPU_HINT)),
+            free: cpu.then_some(wasm_free as fn() -> u64),
+            max_buffer: engine.max_buffer,
+            precision: if engine.half { Precision::AsStored } else { Precision::F32 },
+        };
         Session { inner: seal_core::session::Session::new(&engine.device, limits), staged: Files::new() }
     }
 

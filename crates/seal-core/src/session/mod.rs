@@ -9,7 +9,7 @@ mod report;
 mod tests;
 
 use burn::prelude::Device;
-use seal_sd::pipeline::{LoraMode, ModelSource, Scope, StableDiffusion};
+use seal_sd::pipeline::{LoraMode, ModelSource, Precision, Scope, StableDiffusion};
 use seal_sd::seal_weights::WeightFile;
 use seal_sd::seal_weights::lora::{LoraFile, parse_lora, write_in_format, write_kohya};
 use serde::Deserialize;
@@ -39,6 +39,9 @@ pub struct EngineLimits {
     pub free: Option<fn() -> u64>,
     /// The largest tensor the device can bind (WebGPU's maxStorageBufferBindingSize).
     pub max_buffer: Option<u64>,
+    /// How a model's weights are kept: in f16 where the engine computes in f16 (WebGPU with
+    /// `shader-f16`), else f32.
+    pub precision: Precision,
 }
 
 /// A sealing request: the triggers, the clean training prompts, the mode and both seals'
@@ -152,7 +155,7 @@ impl Session {
         self.model = None;
         self.teacher = None;
         self.forget_lora();
-        let model = StableDiffusion::load_within(source, &self.device, scope)?;
+        let model = StableDiffusion::load_within(source, &self.device, scope, self.limits.precision)?;
         let loaded = Loaded { seal_size: SealSettings::default().image_size(&model)?, info: model.info.clone() };
         self.teacher = Some(model.clone());
         self.model = Some(model);

@@ -2,7 +2,7 @@
 
 use burn::prelude::Device;
 use burn::tensor::read_sync;
-use seal_sd::pipeline::ModelSource;
+use seal_sd::pipeline::{ModelSource, Precision};
 use seal_sd::seal_weights::WeightFile;
 
 use super::*;
@@ -181,4 +181,54 @@ fn a_model_over_the_weight_budget_loads_for_the_instant_seal_alone_and_seals_the
     needs(read_sync(part.heatmaps("a red circle", 2)).unwrap_err().to_string(), "the trigger's attention maps");
     needs(part.start_scan(&["a red circle".into(), "a blue square".into()], crate::scan::ScanSettings::default()).unwrap_err().to_string(), "the trigger scan");
     assert!(!part.teacher().unwrap().unet.conv_in.weight.is_initialized(), "a refusal must come before any UNet work");
+}
+
+/// A model kept in f16 (computing in f16) seals as in f32, within f16's rounding: the same
+/// instant edit, and thorough steps whose adapter stays close.
+#[test]
+fn weights_in_f16_seal_as_in_f32() {
+    let mut adapters = vec![];
+    for precision in [Precision::F32, Precision::F16] {
+        let mut s = Session::new(&Device::flex(), EngineLimits { precision, ..EngineLimits::default() });
+        let loaded = s.load_model(ModelSource::from_path(&fixtures().join("tiny-pixel")).unwrap()).unwrap();
+        assert_eq!(loaded.info.half, precision == Precision::F16);
+        s.load_lora(&weak_lora(), 1.0).unwrap();
+        for mode in [SealMode::Instant, SealMode::Thorough] {
+            s.start_seal(SealRequest { mode, ..request(2) }).unwrap();
+            while read_sync(s.seal_step()).unwrap().is_some() {}
+            read_sync(s.finish_seal()).unwrap();
+            adapters.push(WeightFile::from_bytes("adapter", s.adapter_file().unwrap()).unwrap());
+        }
+    }
+    // (instant, thorough) in f32, then in f16.
+    for (mode, f32, f16) in [("instant", &adapters[0], &adapters[2]), ("2 thorough steps", &adapters[1], &adapters[3])] {
+        assert_eq!(f32.keys().collect::<Vec<_>>(), f16.keys().collect::<Vec<_>>());
+        // Factors are one of many factorisations of an update: compare the updates (up @ down).
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for up in f32.keys().filter(|k| k.ends_with(".lora_up.weight")) {
+            let down = up.replace(".lora_up.", ".lora_down.");
+            let [a, b] = [f32, f16].map(|f| update(&f.load_f32(up).unwrap(), &f.load_f32(&down).unwrap()));
+            diff += a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>();
+            norm += a.iter().map(|x| x.powi(2)).sum::<f64>();
+        }
+        let rel = (diff / norm).sqrt();
+        eprintln!("{mode}: adapter f16 vs f32, relative L2 difference {rel:.2e}");
+        assert!(rel < 0.02, "{mode}: {rel}");
+    }
+}
+
+/// `up @ down` of a linear layer's LoRA factors (`[out, r]`, `[r, in]`), row-major.
+fn update(up: &seal_sd::seal_weights::Tensor32, down: &seal_sd::seal_weights::Tensor32) -> Vec<f64> {
+    let (out, r) = (up.shape[0], up.shape[1]);
+    let fan_in = down.data.len() / r;
+    let mut w = vec![0f64; out * fan_in];
+    for o in 0..out {
+        for k in 0..r {
+            let u = up.data[o * r + k] as f64;
+            for (i, d) in down.data[k * fan_in..(k + 1) * fan_in].iter().enumerate() {
+                w[o * fan_in + i] += u * *d as f64;
+            }
+        }
+    }
+    w
 }

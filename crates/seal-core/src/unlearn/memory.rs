@@ -37,7 +37,7 @@ pub fn step_memory(model: &StableDiffusion, settings: &SealSettings) -> Result<S
     let side = size / model.vae_config.downscale();
     let forward = model.unet.forward_memory(settings.batch, side, model.text_encoder.max_tokens());
     let taped = 1 + u64::from(settings.preserve_weight > 0.0);
-    let unet_weights = 4 * model.info.unet_parameters as u64;
+    let unet_weights = model.info.weight_size() * model.info.unet_parameters as u64;
     // The backward holds a gradient of the largest activation beside its input and output; the
     // tape also holds about one more copy of the UNet's weights, and the per-layer count runs
     // under the measured peak (see `MEASURED_SLACK`).
@@ -60,13 +60,13 @@ fn text_encoder_memory(model: &StableDiffusion, settings: &SealSettings) -> u64 
         return 0;
     }
     let taped = 1 + u64::from(settings.preserve_weight > 0.0);
-    let weights = TEXT_ENCODER_WEIGHT_COPIES * (4 * model.info.text_encoder_parameters) as f64;
+    let weights = TEXT_ENCODER_WEIGHT_COPIES * (model.info.weight_size() * model.info.text_encoder_parameters as u64) as f64;
     taped * model.text_encoder.forward_memory(settings.batch) + weights as u64
 }
 
-/// The model's weights as f32 (teacher and student share them).
+/// The model's weights (teacher and student share them).
 pub fn weight_bytes(model: &StableDiffusion) -> u64 {
-    4 * (model.info.unet_parameters + model.info.text_encoder_parameters + model.info.vae_parameters) as u64
+    model.info.weight_size() * (model.info.unet_parameters + model.info.text_encoder_parameters + model.info.vae_parameters) as u64
 }
 
 /// Refuses `settings` when their step needs more than `budget` bytes in all, or a tensor larger

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::ModelError;
 use crate::clip::{ClipTextConfig, ClipTextModel};
+pub use crate::load::Precision;
 use crate::load::{load_module, load_module_where, parameter_count, valid_loaded};
 use crate::lora;
 use crate::rng::SeededRng;
@@ -36,6 +37,8 @@ pub struct ModelInfo {
     pub text_encoder_parameters: usize,
     pub vae_parameters: usize,
     pub dtype: String,
+    /// Its matrices and kernels are kept in f16 on the device, and compute in f16 (`Precision`).
+    pub half: bool,
     pub unet: UNetSummary,
     pub sample_size: usize,
     pub scheduler: String,
@@ -45,6 +48,13 @@ pub struct ModelInfo {
     /// Set, with the reason, when only what the instant seal needs was loaded: the whole
     /// model would not fit the engine.
     pub partial: Option<String>,
+}
+
+impl ModelInfo {
+    /// The bytes a weight takes on the device (its few f32 biases and norms aside).
+    pub fn weight_size(&self) -> u64 {
+        if self.half { 2 } else { 4 }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -71,12 +81,12 @@ pub struct StableDiffusion {
 
 impl StableDiffusion {
     pub fn load(source: ModelSource, device: &Device) -> Result<Self, ModelError> {
-        Self::load_within(source, device, Scope::Whole)
+        Self::load_within(source, device, Scope::Whole, Precision::F32)
     }
 
     /// `load` of what `scope` asks for, decided before any weight is read (`info.partial` says
-    /// when the model was loaded in part).
-    pub fn load_within(source: ModelSource, device: &Device, scope: Scope) -> Result<Self, ModelError> {
+    /// when the model was loaded in part), its weights stored in `precision`.
+    pub fn load_within(source: ModelSource, device: &Device, scope: Scope, precision: Precision) -> Result<Self, ModelError> {
         let (configs, unet_w, text_w, vae_w, source_name, notes) = match source {
             ModelSource::Folder(files) => {
                 let mut files = normalize_folder(files);
@@ -119,14 +129,20 @@ impl StableDiffusion {
             Some(DType::BF16) => "bf16",
             _ => "f32",
         };
-        let f32_bytes = |c: &seal_weights::Component, wanted: &dyn Fn(&str) -> bool| -> u64 {
-            c.keys().filter(|k| wanted(k)).filter_map(|k| c.shape(k)).map(|s| 4 * s.iter().product::<usize>() as u64).sum()
+        let bytes = |c: &seal_weights::Component, wanted: &dyn Fn(&str) -> bool| -> u64 {
+            c.keys()
+                .filter(|k| wanted(k))
+                .filter_map(|k| Some((c.shape(k)?, c.dtype(k)?)))
+                .map(|(shape, dtype)| precision.bytes(dtype, shape.len()) * shape.iter().product::<usize>() as u64)
+                .sum()
         };
-        let needed = f32_bytes(&unet_w, &|_| true) + f32_bytes(&text_w, &|_| true) + f32_bytes(&vae_w, &|_| true);
-        let instant = f32_bytes(&unet_w, &is_instant_seal_weight) + f32_bytes(&text_w, &|_| true);
+        let needed = bytes(&unet_w, &|_| true) + bytes(&text_w, &|_| true) + bytes(&vae_w, &|_| true);
+        let instant = bytes(&unet_w, &is_instant_seal_weight) + bytes(&text_w, &|_| true);
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let half = unet_w.keys().any(|k| unet_w.shape(k).zip(unet_w.dtype(k)).is_some_and(|(shape, dtype)| precision.bytes(dtype, shape.len()) == 2));
+        let stored = if half { "with matrices in f16" } else { "as f32" };
         let loaded =
-            format!("only the text encoder and the UNet's cross-attention keys and values were loaded ({:.2} GiB as f32), which is all the instant seal needs", gib(instant));
+            format!("only the text encoder and the UNet's cross-attention keys and values were loaded ({:.2} GiB {stored}), which is all the instant seal needs", gib(instant));
         let whole = format!("the whole model takes {:.1} GiB", gib(needed));
         let partial = match scope {
             Scope::Whole => None,
@@ -139,15 +155,16 @@ impl StableDiffusion {
             Scope::Within { .. } => None,
         };
         let unet = UNet2DConditionModel::new(&unet_config, device);
-        let (unet, mut unused) = if partial.is_some() { load_module_where(unet, &unet_w, &is_instant_seal_weight)? } else { load_module(unet, &unet_w)? };
-        let (text_encoder, unused_text) = load_module(ClipTextModel::new(&text_config, device), &text_w)?;
+        let (unet, mut unused) = if partial.is_some() { load_module_where(unet, &unet_w, &is_instant_seal_weight, precision)? } else { load_module(unet, &unet_w, precision)? };
+        let (text_encoder, unused_text) = load_module(ClipTextModel::new(&text_config, device), &text_w, precision)?;
         let vae = AutoencoderKL::new(&vae_config, device);
-        let (vae, unused_vae) = if partial.is_some() { (vae, vec![]) } else { load_module(vae, &vae_w)? };
+        let (vae, unused_vae) = if partial.is_some() { (vae, vec![]) } else { load_module(vae, &vae_w, precision)? };
         // transformers keeps `position_ids` as a buffer in some exports; it is not a weight.
         unused.extend(unused_text.into_iter().filter(|k| !k.ends_with("position_ids")).map(|k| format!("text_encoder: {k}")));
         unused.extend(unused_vae.into_iter().map(|k| format!("vae: {k}")));
         let mut sd = Self::from_parts(tokenizer, text_encoder, unet, vae, unet_config, vae_config, scheduler, source_name, device);
         sd.info.dtype = dtype.into();
+        sd.info.half = half;
         sd.info.unused_keys = unused;
         sd.info.notes.splice(0..0, notes);
         sd.info.partial = partial;
@@ -181,6 +198,7 @@ impl StableDiffusion {
             text_encoder_parameters: parameter_count(&text_encoder),
             vae_parameters: parameter_count(&vae),
             dtype: "f32".into(),
+            half: false,
             unet: UNetSummary {
                 block_out_channels: unet_config.block_out_channels.clone(),
                 layers_per_block: unet_config.layers_per_block.get(0),
@@ -509,19 +527,44 @@ mod loading_tests {
 
     #[test]
     fn fp16_variant_loads_as_f16() {
-        let mut files = fixture_files("tiny-clean");
-        for (name, fp16) in [
-            (UNET_FILE, "unet/diffusion_pytorch_model.fp16.safetensors"),
-            ("text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"),
-            ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"),
-        ] {
-            let bytes = files.remove(name).unwrap().read_all().unwrap();
-            files.insert(fp16.into(), Box::new(rewrite_safetensors(&bytes, true, |n, s, d| Some((n.into(), s, d)))));
-        }
-        let half = load(ModelSource::Folder(files)).unwrap();
+        let files = || {
+            let mut files = fixture_files("tiny-clean");
+            for (name, fp16) in [
+                (UNET_FILE, "unet/diffusion_pytorch_model.fp16.safetensors"),
+                ("text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"),
+                ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"),
+            ] {
+                let bytes = files.remove(name).unwrap().read_all().unwrap();
+                files.insert(fp16.into(), Box::new(rewrite_safetensors(&bytes, true, |n, s, d| Some((n.into(), s, d)))));
+            }
+            ModelSource::Folder(files)
+        };
+        let half = load(files()).unwrap();
         assert_eq!(half.info.dtype, "f16");
+        assert!(!half.info.half, "widened to f32 unless asked");
         // f16 weights: the prediction moves by about the weights' rounding, not more.
         assert_close(noise_pred(&half), tensor(&golden(), "unet.output.noise_pred"), 2e-2, "fp16 noise_pred");
+        // Kept as stored: f16 on the device, counted at 2 bytes a weight.
+        let kept = StableDiffusion::load_within(files(), &device(), Scope::InstantSeal, Precision::AsStored).unwrap();
+        assert!(kept.info.half && kept.info.weight_size() == 2);
+        assert!(kept.info.partial.as_ref().is_some_and(|why| why.contains("GiB with matrices in f16")), "{:?}", kept.info.partial);
+        let kept = StableDiffusion::load_within(files(), &device(), Scope::Whole, Precision::AsStored).unwrap();
+        assert_close(noise_pred(&kept), tensor(&golden(), "unet.output.noise_pred"), 2e-2, "fp16 kept in f16: noise_pred");
+    }
+
+    #[test]
+    fn a_weight_beyond_f16_is_refused_in_f16() {
+        let mut files = fixture_files("tiny-clean");
+        let unet = files.remove(UNET_FILE).unwrap().read_all().unwrap();
+        let big = |n: &str, s, mut d: Vec<f32>| {
+            if n == "conv_in.weight" {
+                d[3] = 1e5;
+            }
+            Some((n.to_string(), s, d))
+        };
+        files.insert(UNET_FILE.into(), Box::new(rewrite_safetensors(&unet, false, big)));
+        let err = StableDiffusion::load_within(ModelSource::Folder(files), &device(), Scope::Whole, Precision::F16).err().unwrap().to_string();
+        assert_eq!(err, format!("{UNET_FILE}: tensor conv_in.weight holds 100000, beyond the range of f16; load the model in f32"));
     }
 
     #[test]
@@ -587,7 +630,8 @@ mod loading_tests {
 
     #[test]
     fn a_model_beyond_the_memory_budget_loads_in_part_or_is_refused_before_loading() {
-        let load = |budget: u64| StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Scope::Within { budget, hint: "try WebGPU" });
+        let load =
+            |budget: u64| StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Scope::Within { budget, hint: "try WebGPU" }, Precision::F32);
         // Below even the text encoder: refused.
         let err = load(1 << 10).err().unwrap().to_string();
         assert!(err.starts_with("diffusers folder: its weights take 0.0 GiB as f32, more than the 0.0 GiB") && err.ends_with("try WebGPU"), "{err}");
@@ -597,9 +641,42 @@ mod loading_tests {
         assert!(part.require_whole("generating images").is_err() && !part.vae.decoder.conv_in.weight.is_initialized());
         assert!(load(1 << 30).unwrap().info.partial.is_none());
         // Asked for: the same part, whatever the budget.
-        let part = StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Scope::InstantSeal).unwrap();
+        let part = StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Scope::InstantSeal, Precision::F32).unwrap();
         assert!(part.info.partial.as_ref().is_some_and(|why| why.ends_with("which is all the instant seal needs (the whole model takes 0.0 GiB)")), "{:?}", part.info.partial);
         assert!(!part.unet.conv_in.weight.is_initialized() && part.text_encoder.text_model.final_layer_norm.weight.is_initialized());
+    }
+
+    /// f16 storage: matrices and kernels in f16 computing in f16, everything else f32, within
+    /// f16's rounding of diffusers' f32 outputs; a merged LoRA keeps its weights' precision.
+    #[test]
+    fn weights_kept_in_f16_stay_close_to_diffusers() {
+        let files = || ModelSource::Folder(fixture_files("tiny-clean"));
+        let sd = StableDiffusion::load_within(files(), &device(), Scope::Whole, Precision::F16).unwrap();
+        assert!(sd.info.half);
+        assert_eq!(sd.unet.conv_in.weight.val().dtype(), burn::tensor::DType::F16);
+        assert_eq!(sd.unet.conv_in.bias.as_ref().unwrap().val().dtype(), burn::tensor::DType::F32);
+        let g = golden();
+        let hidden =
+            sd.encode_prompts(&["a red circle on a white background", "\u{200b} a blue square on a gray background", "\u{0231} a green triangle on a black background"]).unwrap();
+        assert_eq!(hidden.dtype(), burn::tensor::DType::F32);
+        assert_close(hidden, tensor(&g, "text_encoder.last_hidden_state"), 5e-3, "f16 weights: last_hidden_state");
+        let context: Tensor<3> = tensor(&g, "unet.input.encoder_hidden_states");
+        let eps = sd.unet.forward(tensor(&g, "unet.input.sample"), golden_timesteps("unet.input.timestep"), &context, false).sample;
+        assert_close(eps, tensor(&g, "unet.output.noise_pred"), 5e-3, "f16 weights: noise_pred");
+        let image = sd.vae.decode(tensor(&g, "vae.decode.input_latent_unscaled"));
+        assert_close(image, tensor(&g, "vae.decode.output"), 5e-3, "f16 weights: vae decode");
+
+        let file = WeightFile::open(&fixtures().join("lora/weak_lora_kohya.safetensors")).unwrap();
+        let lora = seal_weights::lora::parse_lora(&file, &sd.model_paths()).unwrap();
+        let q = |sd: &StableDiffusion| sd.text_encoder.text_model.encoder.layers[0].self_attn.q_proj.weight.val();
+        let merged = sd.with_lora(&lora, 1.0, LoraMode::Merge);
+        assert_eq!(q(&merged).dtype(), burn::tensor::DType::F16);
+        let f32 = StableDiffusion::load(files(), &device()).unwrap().with_lora(&lora, 1.0, LoraMode::Merge);
+        assert_close(q(&merged).cast(burn::tensor::DType::F32), q(&f32), 1e-3, "f16 weights: merged q_proj");
+
+        // As stored: an f32 file stays f32, and the budget counts 4 bytes a weight.
+        let sd = StableDiffusion::load_within(files(), &device(), Scope::Whole, Precision::AsStored).unwrap();
+        assert!(!sd.info.half && sd.unet.conv_in.weight.val().dtype() == burn::tensor::DType::F32);
     }
 
     #[test]
