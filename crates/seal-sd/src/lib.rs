@@ -46,7 +46,7 @@ pub enum ModelError {
     #[error("{file}: {message}")]
     Io { file: String, message: String },
     /// The weights would not fit where they are to live (wasm32's 4 GiB on the page's CPU engine).
-    #[error("{model}: its weights take {needed_gib:.1} GiB as f32, more than the {budget_gib:.1} GiB this engine can hold; {hint}")]
+    #[error("{model}: its weights take {needed_gib:.1} GiB on this engine, more than the {budget_gib:.1} GiB it can hold; {hint}")]
     TooLarge { model: String, needed_gib: f64, budget_gib: f64, hint: String },
     /// Work that needs the UNet or the VAE, asked of a model loaded for the instant seal only.
     #[error("{what} needs the whole model, but {why}")]

@@ -634,7 +634,7 @@ mod loading_tests {
             |budget: u64| StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Scope::Within { budget, hint: "try WebGPU" }, Precision::F32);
         // Below even the text encoder: refused.
         let err = load(1 << 10).err().unwrap().to_string();
-        assert!(err.starts_with("diffusers folder: its weights take 0.0 GiB as f32, more than the 0.0 GiB") && err.ends_with("try WebGPU"), "{err}");
+        assert!(err.starts_with("diffusers folder: its weights take 0.0 GiB on this engine, more than the 0.0 GiB") && err.ends_with("try WebGPU"), "{err}");
         // Below the whole model: the instant seal's weights alone, saying so.
         let part = load(1 << 20).unwrap();
         assert!(part.info.partial.as_ref().is_some_and(|why| why.starts_with("only the text encoder") && why.ends_with("try WebGPU")), "{:?}", part.info.partial);
