@@ -7,6 +7,7 @@ use seal_sd::seal_weights::WeightFile;
 
 use super::*;
 use crate::fixtures;
+use crate::linalg::Mat;
 
 fn session_with(model: &str) -> Session {
     let mut s = Session::new(&Device::flex(), EngineLimits::default());
@@ -220,15 +221,5 @@ fn weights_in_f16_seal_as_in_f32() {
 /// `up @ down` of a linear layer's LoRA factors (`[out, r]`, `[r, in]`), row-major.
 fn update(up: &seal_sd::seal_weights::Tensor32, down: &seal_sd::seal_weights::Tensor32) -> Vec<f64> {
     let (out, r) = (up.shape[0], up.shape[1]);
-    let fan_in = down.data.len() / r;
-    let mut w = vec![0f64; out * fan_in];
-    for o in 0..out {
-        for k in 0..r {
-            let u = up.data[o * r + k] as f64;
-            for (i, d) in down.data[k * fan_in..(k + 1) * fan_in].iter().enumerate() {
-                w[o * fan_in + i] += u * *d as f64;
-            }
-        }
-    }
-    w
+    Mat::from_f32(out, r, &up.data).matmul(&Mat::from_f32(r, down.data.len() / r, &down.data)).data
 }
