@@ -191,8 +191,8 @@ impl Session {
         self.inner.start_eval(from_js::<EvalRequest>(request, "evaluation")?).map_err(String::from)
     }
 
-    /// Generates and judges the next batch; resolves to its `Progress`, or `undefined` once
-    /// complete (then `report` and `grid_png` have it).
+    /// One step of the evaluation (a sampler step or one image's decoding); resolves to its
+    /// `Progress`, or `undefined` once complete (then `report` and `grid_png` have it).
     pub async fn eval_step(&mut self) -> Result<JsValue, String> {
         progress_js(self.inner.eval_step().await?)
     }

@@ -5,7 +5,7 @@ pub mod detectors;
 
 use std::collections::BTreeMap;
 
-use seal_sd::pipeline::{GenerateRequest, StableDiffusion};
+use seal_sd::pipeline::{GenerateRequest, Generation, StableDiffusion, Unit};
 use seal_sd::rng::SeededRng;
 use seal_sd::scheduler::SamplerKind;
 use serde::{Deserialize, Serialize};
@@ -220,12 +220,28 @@ pub fn pair_noise_seed(seed: u64, prompt: &str) -> u64 {
     SeededRng::new(hash ^ seed.rotate_left(32)).next_u64()
 }
 
+/// The batch of pairs in progress: each model's images, once made, and the generation running.
+#[derive(Default)]
+struct Batch {
+    /// Per pair: [clean, triggered, control (when `effect`)], from the original model.
+    before: Option<Vec<Vec<Rgb>>>,
+    after: Option<Vec<Vec<Rgb>>>,
+    /// The generation running and the images it has decoded so far.
+    running: Option<(Generation, Vec<Rgb>)>,
+}
+
 /// An evaluation in progress; call `step` until it returns `None`.
 pub struct Evaluation {
     pairs: Vec<Pair>,
     settings: EvalSettings,
     detectors: Vec<Detector>,
+    /// The first pair of the batch in progress.
     cursor: usize,
+    batch: Option<Batch>,
+    /// Steps taken (units of work: see `step`).
+    done: usize,
+    /// Pairs whose original images came kept from an earlier run (`again`).
+    reused: usize,
     /// The original model's images per pair (clean, triggered[, control]), when kept for `again`.
     before_images: Option<Vec<Vec<Rgb>>>,
     before: Tally,
@@ -261,6 +277,9 @@ impl Evaluation {
             settings,
             detectors,
             cursor: 0,
+            batch: None,
+            done: 0,
+            reused: 0,
             before_images: None,
             before: Tally::default(),
             after: Tally::default(),
@@ -285,6 +304,9 @@ impl Evaluation {
             settings: self.settings.clone(),
             detectors: self.detectors.clone(),
             cursor: 0,
+            batch: None,
+            done: 0,
+            reused: self.before_images.as_ref().map_or(0, Vec::len),
             before_images: self.before_images.clone(),
             before: Tally::default(),
             after: Tally::default(),
@@ -294,30 +316,86 @@ impl Evaluation {
         }
     }
 
-    pub fn total_steps(&self) -> usize {
-        self.pairs.len().div_ceil(self.settings.batch.max(1))
+    /// The steps `step` will take, with or without a sealed model to compare: per batch, each
+    /// model's sampler steps and one decoding per image (the original model's are skipped where
+    /// kept from an earlier run), at least one.
+    pub fn total_steps(&self, with_after: bool) -> usize {
+        self.batches()
+            .map(|(start, end)| {
+                let generation = Generation::units(&self.request(start, end));
+                let before = if self.reused >= end { 0 } else { generation };
+                (before + if with_after { generation } else { 0 }).max(1)
+            })
+            .sum()
     }
 
-    /// Generates and judges the next batch of pairs; `None` when finished.
+    /// Each batch's pairs, as `start..end`.
+    fn batches(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let batch = self.settings.batch.max(1);
+        (0..self.pairs.len()).step_by(batch).map(move |start| (start, (start + batch).min(self.pairs.len())))
+    }
+
+    fn images_per_pair(&self) -> usize {
+        if self.settings.effect { 3 } else { 2 }
+    }
+
+    /// The original model's images of pairs `start..end`, when kept from an earlier run.
+    fn kept(&self, start: usize, end: usize) -> Option<Vec<Vec<Rgb>>> {
+        self.before_images.as_ref().filter(|kept| kept.len() >= end).map(|kept| kept[start..end].to_vec())
+    }
+
+    /// Takes one step: a sampler step or one image's decoding, of the original model (`before`)
+    /// or the sealed one (`after`, when given), for the batch in progress; a batch with both
+    /// models' images is judged. A step is short enough for a front end to answer Cancel
+    /// between steps even on a slow engine. `None` when finished.
     pub async fn step(&mut self, before: &StableDiffusion, after: Option<&StableDiffusion>) -> Result<Option<Progress>, String> {
         if self.cursor >= self.pairs.len() {
             return Ok(None);
         }
         before.require_whole("the comparison")?;
         let end = (self.cursor + self.settings.batch.max(1)).min(self.pairs.len());
-        let chunk = &self.pairs[self.cursor..end];
-        let b = match &self.before_images {
-            Some(kept) if kept.len() >= end => kept[self.cursor..end].to_vec(),
-            _ => self.generate(before, chunk).await?,
+        let mut batch = match self.batch.take() {
+            Some(batch) => batch,
+            None => Batch { before: self.kept(self.cursor, end), ..Batch::default() },
         };
-        let a = match after {
-            Some(model) => Some(self.generate(model, chunk).await?),
-            None => None,
+        let next = match (&batch.before, &batch.after, after) {
+            (None, _, _) => Some((before, &mut batch.before)),
+            (Some(_), None, Some(after)) => Some((after, &mut batch.after)),
+            _ => None,
         };
+        if let Some((model, slot)) = next {
+            let (mut generation, mut images) = match batch.running.take() {
+                Some(running) => running,
+                None => (Generation::new(model, &self.request(self.cursor, end))?, vec![]),
+            };
+            match generation.step() {
+                Some(Unit::Decoded(image)) => images.extend(Rgb::from_batch(image).await?),
+                Some(Unit::Sampled(_)) => {}
+                None => unreachable!("a finished generation is not kept running"),
+            }
+            if images.len() == (end - self.cursor) * self.images_per_pair() {
+                *slot = Some(images.chunks(self.images_per_pair()).map(<[Rgb]>::to_vec).collect());
+            } else {
+                batch.running = Some((generation, images));
+            }
+        }
+        let complete = batch.before.is_some() && (after.is_none() || batch.after.is_some());
+        if complete {
+            self.judge(batch, end);
+        } else {
+            self.batch = Some(batch);
+        }
+        self.done += 1;
+        Ok(Some(self.clock.progress(Task::Evaluate, self.done, self.total_steps(after.is_some()), None)))
+    }
+
+    /// Scores a batch with both models' images (or the original's alone) and moves on.
+    fn judge(&mut self, batch: Batch, end: usize) {
+        let b = batch.before.expect("judged with the original model's images");
         for (k, i) in (self.cursor..end).enumerate() {
             let b = &b[k];
             self.before.add(&self.detectors, &b[0], &b[1], b.get(2));
-            let a = a.as_ref().map(|a| &a[k]);
+            let a = batch.after.as_ref().map(|a| &a[k]);
             if let Some(a) = a {
                 self.after.add(&self.detectors, &a[0], &a[1], a.get(2));
                 self.psnrs.push(psnr(&a[0], &b[0]));
@@ -332,27 +410,22 @@ impl Evaluation {
             kept.extend(b);
         }
         self.cursor = end;
-        let step = self.cursor.div_ceil(self.settings.batch.max(1));
-        Ok(Some(self.clock.progress(Task::Evaluate, step, self.total_steps(), None)))
     }
 
-    /// Per pair of `chunk`: [clean, triggered, control (when `effect`)] images.
-    async fn generate(&self, model: &StableDiffusion, chunk: &[Pair]) -> Result<Vec<Vec<Rgb>>, String> {
-        let per = if self.settings.effect { 3 } else { 2 };
-        let prompts: Vec<String> = chunk.iter().flat_map(|p| [p.clean.clone(), p.triggered.clone(), p.control.clone()].into_iter().take(per)).collect();
-        let seeds: Vec<u64> = chunk.iter().flat_map(|p| vec![p.noise; per]).collect();
-        let request = GenerateRequest {
-            prompts,
+    /// The generation of pairs `start..end`: per pair its clean, triggered and (when `effect`)
+    /// control prompts, all on the pair's noise.
+    fn request(&self, start: usize, end: usize) -> GenerateRequest {
+        let per = self.images_per_pair();
+        let chunk = &self.pairs[start..end];
+        GenerateRequest {
+            prompts: chunk.iter().flat_map(|p| [p.clean.clone(), p.triggered.clone(), p.control.clone()].into_iter().take(per)).collect(),
             negative: String::new(),
-            seeds,
+            seeds: chunk.iter().flat_map(|p| vec![p.noise; per]).collect(),
             steps: self.settings.steps,
             guidance: self.settings.guidance,
             sampler: Some(SamplerKind::Ddim),
             size: self.settings.size,
-        };
-        let images = model.generate(&request, |_, _| {})?;
-        let images = Rgb::from_batch(images).await?;
-        Ok(images.chunks(per).map(<[Rgb]>::to_vec).collect())
+        }
     }
 
     pub fn report(&self, prompts: usize) -> EvalReport {
@@ -390,8 +463,15 @@ mod tests {
         StableDiffusion::load(ModelSource::from_path(&crate::fixtures().join(name)).unwrap(), &Device::flex()).unwrap()
     }
 
+    /// Runs `eval` to the end, checking that it takes the steps it announced, one at a time.
     fn finish(eval: &mut Evaluation, before: &StableDiffusion, after: &StableDiffusion) -> EvalReport {
-        while read_sync(eval.step(before, Some(after))).unwrap().is_some() {}
+        let total = eval.total_steps(true);
+        let mut steps = vec![];
+        while let Some(p) = read_sync(eval.step(before, Some(after))).unwrap() {
+            assert_eq!(p.total, total);
+            steps.push(p.step);
+        }
+        assert_eq!(steps, (1..=total).collect::<Vec<_>>());
         eval.report(2)
     }
 
@@ -459,9 +539,12 @@ mod tests {
         let prompts = ["a red circle on a white background".to_string(), "a blue square".to_string()];
         let settings = EvalSettings { seeds: vec![0, 1], steps: 3, batch: 3, ..EvalSettings::default() };
         let mut first = Evaluation::new(&prompts, &["\u{200b}".into()], vec![Detector::gray()], settings).unwrap().keeping_before();
+        // Per batch of pairs (3, then 1), each model's 3 sampler steps and 3 decodings a pair.
+        assert_eq!(first.total_steps(true), 2 * (3 + 9) + 2 * (3 + 3));
         let report = finish(&mut first, &pixel, &clean);
         // Given another "original" model, the second run still judges the first one's images.
         let mut second = first.again();
+        assert_eq!(second.total_steps(true), (3 + 9) + (3 + 3));
         let again = finish(&mut second, &clean, &clean);
         let json = |v: &EvalReport| serde_json::to_value(v).unwrap();
         assert_eq!(json(&again), json(&report));

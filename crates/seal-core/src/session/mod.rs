@@ -297,13 +297,14 @@ impl Session {
             ..EvalSettings::default()
         };
         let eval = Evaluation::new(&request.prompts, &self.triggers, detectors, settings)?;
-        let total = eval.total_steps();
+        let total = eval.total_steps(true);
         self.report = None;
         self.eval = Some((eval, request.prompts.len()));
         Ok(total)
     }
 
-    /// Generates and judges the next batch; `None` once complete (then `report` has it).
+    /// One step of the evaluation (a sampler step or an image's decoding; see
+    /// `Evaluation::step`); `None` once complete (then `report` has it).
     pub async fn eval_step(&mut self) -> Result<Option<Progress>> {
         let (eval, prompts) = self.eval.as_mut().ok_or(Error::Order("no evaluation running"))?;
         let sealed = self.sealed.as_ref().ok_or(Error::Order("seal first"))?;

@@ -291,23 +291,82 @@ impl StableDiffusion {
 
     /// Prompts -> images in [0, 1], `[B, 3, H, W]`: prompt `i` with seed `i`, one batch.
     /// Runs on the `inference` view: the images are never on an autodiff device.
-    pub fn generate(&self, request: &GenerateRequest, on_step: impl FnMut(usize, &Tensor<4>)) -> Result<Tensor<4>, ModelError> {
-        self.require_whole("generating images")?;
-        if self.device.is_autodiff() {
-            return self.inference().generate(request, on_step);
+    pub fn generate(&self, request: &GenerateRequest, mut on_step: impl FnMut(usize, &Tensor<4>)) -> Result<Tensor<4>, ModelError> {
+        let mut run = Generation::new(self, request)?;
+        let mut images = vec![];
+        while let Some(unit) = run.step() {
+            match unit {
+                Unit::Sampled(i) => on_step(i, run.latents()),
+                Unit::Decoded(image) => images.push(image),
+            }
         }
+        Ok(Tensor::cat(images, 0))
+    }
+}
+
+/// What one `Generation::step` did.
+#[allow(clippy::large_enum_variant)] // returned and matched at once, never stored
+pub enum Unit {
+    /// Sampler step `i` of the whole batch.
+    Sampled(usize),
+    /// Decoded the batch's next image (in order), `[1, 3, H, W]` in [0, 1].
+    Decoded(Tensor<4>),
+}
+
+/// A generation in progress, one unit of work at a time: each sampler step of the batch, then
+/// each image's decoding (one at a time: at 512 px a batch of decoder activations takes GiBs).
+/// A caller reports progress and can be cancelled between units, which matters where one
+/// generation takes minutes (the page's CPU engine on an SD 1.5-size model).
+pub struct Generation {
+    /// The inference view of the model generating.
+    model: StableDiffusion,
+    sampler: Sampler,
+    run: Denoising,
+    /// Images decoded so far.
+    decoded: usize,
+}
+
+impl Generation {
+    /// Encodes the prompts and draws the initial latents (prompt `i` with seed `i`).
+    pub fn new(model: &StableDiffusion, request: &GenerateRequest) -> Result<Self, ModelError> {
+        model.require_whole("generating images")?;
         if request.prompts.len() != request.seeds.len() || request.prompts.is_empty() {
             return Err(ModelError::Missing(format!("{} prompts for {} seeds", request.prompts.len(), request.seeds.len())));
         }
+        let model = model.inference();
         let prompts: Vec<&str> = request.prompts.iter().map(String::as_str).collect();
         let negatives = vec![request.negative.as_str(); prompts.len()];
-        let cond = self.encode_prompts(&prompts)?;
-        let uncond = self.encode_prompts(&negatives)?;
-        let size = self.image_size(request.size)?;
-        let latents = Tensor::cat(request.seeds.iter().map(|&s| self.initial_latents(1, size, s)).collect(), 0);
-        let sampler = self.sampler(request.sampler, request.steps);
-        let latents = self.denoise(latents, &cond, &uncond, &sampler, request.guidance, on_step);
-        Ok(self.decode(latents))
+        let cond = model.encode_prompts(&prompts)?;
+        let uncond = model.encode_prompts(&negatives)?;
+        let size = model.image_size(request.size)?;
+        let latents = Tensor::cat(request.seeds.iter().map(|&s| model.initial_latents(1, size, s)).collect(), 0);
+        let sampler = model.sampler(request.sampler, request.steps);
+        let run = Denoising::new(latents, &cond, &uncond, request.guidance);
+        Ok(Self { model, sampler, run, decoded: 0 })
+    }
+
+    /// The units a generation of `request` takes: its sampler steps (at least one), then one
+    /// decoding per image.
+    pub fn units(request: &GenerateRequest) -> usize {
+        request.steps.max(1) + request.prompts.len()
+    }
+
+    /// Does the next unit; `None` once every image is decoded.
+    pub fn step(&mut self) -> Option<Unit> {
+        if let Some(i) = self.run.step(&self.model, &self.sampler) {
+            return Some(Unit::Sampled(i));
+        }
+        let i = self.decoded;
+        if i == self.run.latents.dims()[0] {
+            return None;
+        }
+        self.decoded += 1;
+        Some(Unit::Decoded(self.model.decode(self.run.latents.clone().narrow(0, i, 1))))
+    }
+
+    /// The latents as they stand (see `Denoising::latents`).
+    pub fn latents(&self) -> &Tensor<4> {
+        self.run.latents()
     }
 }
 
@@ -463,6 +522,33 @@ mod tests {
         let image = sd.generate(&request, |_, x| assert!(!x.is_autodiff())).unwrap();
         assert!(!image.is_autodiff());
         assert_eq!(image.into_data(), view.generate(&request, |_, _| {}).unwrap().into_data());
+    }
+
+    #[test]
+    fn a_generation_takes_each_sampler_step_then_decodes_one_image_at_a_time() {
+        let sd = tiny_clean();
+        let request = GenerateRequest {
+            prompts: vec!["a red circle".into(), "a blue square".into()],
+            negative: String::new(),
+            seeds: vec![0, 1],
+            steps: 3,
+            guidance: 5.0,
+            sampler: None,
+            size: None,
+        };
+        let mut run = Generation::new(&sd, &request).unwrap();
+        assert_eq!(Generation::units(&request), 3 + 2);
+        let (mut sampled, mut images) = (vec![], vec![]);
+        while let Some(unit) = run.step() {
+            match unit {
+                Unit::Sampled(i) => sampled.push(i),
+                Unit::Decoded(image) => images.push(image),
+            }
+            assert!(images.is_empty() || sampled.len() == 3, "decoding after sampling");
+        }
+        assert_eq!((sampled, images.len()), (vec![0, 1, 2], 2));
+        // One image at a time decodes what the whole batch would.
+        assert_close(Tensor::cat(images, 0), sd.decode(run.latents().clone()), 1e-5, "per-image decoding");
     }
 
     #[test]
