@@ -69,7 +69,7 @@ test("?backend=cpu computes the probe on Burn's CPU backend in the worker, as na
     const { backend, reason, shown } = await finish(run, "cpu");
     assert.equal(backend, "cpu");
     assert.match(reason, /CPU requested/);
-    assert.match(await run.page.textContent("#engine-precision"), /widened to f32 \(the CPU engine computes in f32\)/);
+    assert.match(await run.page.textContent("#engine-precision"), /kept in f16 \(the CPU engine computes in f16, self-check within \d\.\de-\d+\)/);
     assertMatchesNative(shown, 1e-5);
   } finally {
     await run.close();

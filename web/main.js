@@ -319,7 +319,7 @@ function showModel(info) {
     ["info-source", "source", info.source],
     ["info-architecture", "architecture", info.architecture],
     ["info-parameters", "parameters", `UNet ${millions(info.unet_parameters)}, text encoder ${millions(info.text_encoder_parameters)}, VAE ${millions(info.vae_parameters)}`],
-    ["info-dtype", "weights", info.half ? `${info.dtype}, kept in f16` : info.dtype === "f32" ? "f32" : `${info.dtype}, widened to f32 on this engine`],
+    ["info-dtype", "weights", info.half ? (info.dtype === "f16" ? "f16, kept in f16" : `${info.dtype}, rounded to f16 to fit this engine`) : info.dtype === "f32" ? "f32" : `${info.dtype}, widened to f32 on this engine`],
     ["info-size", "image size", `${info.sample_size}×${info.sample_size} px, ${info.scheduler} sampler`],
     ...(info.partial ? [["info-partial", "loaded", "the text encoder and the UNet's cross-attention keys and values (the instant seal's weights)"]] : []),
     ["info-unused", "unused tensors", info.unused_keys.length ? `${info.unused_keys.length}: ${info.unused_keys.slice(0, 5).join(", ")}` : "none"],

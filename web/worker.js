@@ -76,7 +76,7 @@ async function pickEngine(wanted, reason) {
     }
     reason = found.reason;
   }
-  const engine = Engine.cpu();
+  const engine = await Engine.cpu();
   post({ type: "engine", backend: "cpu", reason, precision: engine.precision() });
   return engine;
 }

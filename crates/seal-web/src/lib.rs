@@ -30,10 +30,13 @@ pub struct Engine {
 
 #[wasm_bindgen]
 impl Engine {
-    /// Burn's pure-Rust CPU backend (flex): always available.
-    pub fn cpu() -> Engine {
-        let precision = "weights widened to f32 (the CPU engine computes in f32)".into();
-        Engine { device: Device::flex(), backend: "cpu".into(), limits: None, max_buffer: None, half: false, precision }
+    /// Burn's pure-Rust CPU backend (flex): always available. It computes in f16 too, which
+    /// halves what an f16 model takes of wasm32's 4 GiB (SD 1.5 fits whole only so); f16 is
+    /// used once it computes what f32 does, as on WebGPU.
+    pub async fn cpu() -> Engine {
+        let device = Device::flex();
+        let (half, precision) = half_precision(&device, "the CPU engine computes in f16").await;
+        Engine { device, backend: "cpu".into(), limits: None, max_buffer: None, half, precision }
     }
 
     /// Burn's wgpu backend on the browser's WebGPU.
@@ -55,13 +58,7 @@ impl Engine {
         let offered = setup.device.features().contains(burn::tensor::wgpu::wgpu::Features::SHADER_F16);
         let (half, precision) = match offered {
             false => (false, "weights widened to f32 (this GPU offers no shader-f16)".to_string()),
-            true => match seal_core::probe::half_probe(&device).await {
-                Ok(e) if e <= seal_core::probe::HALF_PROBE_TOLERANCE => {
-                    (true, format!("weights of f16 models kept in f16 (this GPU computes in f16: shader-f16, self-check within {e:.1e})"))
-                }
-                Ok(e) => (false, format!("weights widened to f32 (this GPU offers shader-f16, but its self-check was off by {e:.1e})")),
-                Err(e) => (false, format!("weights widened to f32 (this GPU offers shader-f16, but its self-check failed: {e})")),
-            },
+            true => half_precision(&device, "this GPU offers shader-f16").await,
         };
         Ok(Engine { device, backend: "webgpu".into(), limits: Some(limits.to_string()), max_buffer, half, precision })
     }
@@ -85,6 +82,16 @@ impl Engine {
     pub async fn probe(&self) -> Result<String, String> {
         let result = seal_core::probe::autodiff_probe(&self.device).await?;
         serde_json::to_string(&result).map_err(|e| e.to_string())
+    }
+}
+
+/// Whether `device` keeps f16 models in f16 (its f16 self-check passes; `why` says what it
+/// offers), and the page's line about it.
+async fn half_precision(device: &Device, why: &str) -> (bool, String) {
+    match seal_core::probe::half_probe(device).await {
+        Ok(e) if e <= seal_core::probe::HALF_PROBE_TOLERANCE => (true, format!("weights of f16 models kept in f16 ({why}, self-check within {e:.1e})")),
+        Ok(e) => (false, format!("weights widened to f32 ({why}, but its self-check was off by {e:.1e})")),
+        Err(e) => (false, format!("weights widened to f32 ({why}, but its self-check failed: {e})")),
     }
 }
 

@@ -129,16 +129,31 @@ impl StableDiffusion {
             Some(DType::BF16) => "bf16",
             _ => "f32",
         };
-        let bytes = |c: &seal_weights::Component, wanted: &dyn Fn(&str) -> bool| -> u64 {
+        let bytes = |c: &seal_weights::Component, wanted: &dyn Fn(&str) -> bool, precision: Precision| -> u64 {
             c.keys()
                 .filter(|k| wanted(k))
                 .filter_map(|k| Some((c.shape(k)?, c.dtype(k)?)))
                 .map(|(shape, dtype)| precision.bytes(dtype, shape.len()) * shape.iter().product::<usize>() as u64)
                 .sum()
         };
-        let needed = bytes(&unet_w, &|_| true) + bytes(&text_w, &|_| true) + bytes(&vae_w, &|_| true);
-        let instant = bytes(&unet_w, &is_instant_seal_weight) + bytes(&text_w, &|_| true);
+        let whole = |precision| bytes(&unet_w, &|_| true, precision) + bytes(&text_w, &|_| true, precision) + bytes(&vae_w, &|_| true, precision);
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        // An engine that computes in f16 rounds an f32 (or bf16) model to f16 rather than load
+        // it in part.
+        let mut notes = notes;
+        let precision = match scope {
+            Scope::Within { budget, .. } if precision == Precision::AsStored && whole(precision) > budget && whole(Precision::F16) <= budget => {
+                notes.push(format!(
+                    "{dtype} weights rounded to f16: as stored they take {:.1} GiB, more than the {:.1} GiB this engine can hold",
+                    gib(whole(precision)),
+                    gib(budget)
+                ));
+                Precision::F16
+            }
+            _ => precision,
+        };
+        let needed = whole(precision);
+        let instant = bytes(&unet_w, &is_instant_seal_weight, precision) + bytes(&text_w, &|_| true, precision);
         let half = unet_w.keys().any(|k| unet_w.shape(k).zip(unet_w.dtype(k)).is_some_and(|(shape, dtype)| precision.bytes(dtype, shape.len()) == 2));
         let stored = if half { "with matrices in f16" } else { "as f32" };
         let loaded =
@@ -730,6 +745,23 @@ mod loading_tests {
         let part = StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Scope::InstantSeal, Precision::F32).unwrap();
         assert!(part.info.partial.as_ref().is_some_and(|why| why.ends_with("which is all the instant seal needs (the whole model takes 0.0 GiB)")), "{:?}", part.info.partial);
         assert!(!part.unet.conv_in.weight.is_initialized() && part.text_encoder.text_model.final_layer_norm.weight.is_initialized());
+    }
+
+    #[test]
+    fn an_engine_computing_in_f16_rounds_an_f32_model_to_f16_rather_than_load_it_in_part() {
+        let load = |budget: u64, precision| {
+            StableDiffusion::load_within(ModelSource::Folder(fixture_files("tiny-clean")), &device(), Scope::Within { budget, hint: "try WebGPU" }, precision).unwrap()
+        };
+        let f32 = load(1 << 30, Precision::AsStored);
+        let params = (f32.info.unet_parameters + f32.info.text_encoder_parameters + f32.info.vae_parameters) as u64;
+        assert!(!f32.info.half && f32.info.notes.iter().all(|n| !n.contains("rounded")), "fits as stored: kept f32");
+        // Between its f16 size (2 bytes a matrix weight, 4 a bias) and its f32 size.
+        let rounded = load(3 * params, Precision::AsStored);
+        assert!(rounded.info.half && rounded.info.partial.is_none() && rounded.info.dtype == "f32");
+        assert!(rounded.info.notes.iter().any(|n| n.starts_with("f32 weights rounded to f16")), "{:?}", rounded.info.notes);
+        assert_eq!(rounded.unet.conv_in.weight.val().dtype(), burn::tensor::DType::F16);
+        // An engine that computes in f32 only loads the instant seal's part instead.
+        assert!(load(3 * params, Precision::F32).info.partial.is_some());
     }
 
     /// f16 storage: matrices and kernels in f16 computing in f16, everything else f32, within
