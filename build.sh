@@ -157,6 +157,9 @@ cmd_bench() {
     --out bench-results/real-size.json
   "$CARGO_TARGET_DIR/release/seal" bench --fixtures ../shared/fixtures --real-size bk_sdm_small,sd15 --batches 1 --sides 128,256 \
     --out bench-results/real-size-sd.json
+  # f16 weights computing in f16, beside real-size.json's f32 row of the same configuration.
+  "$CARGO_TARGET_DIR/release/seal" bench --fixtures ../shared/fixtures --real-size bk_sdm_tiny --batches 1 --sides 128 --weights f16 \
+    --out bench-results/real-size-f16.json
 }
 
 # The seal's recipes on the validation suite (planted models made once into $SEAL_CACHE/suite).
