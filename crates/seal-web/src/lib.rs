@@ -21,8 +21,8 @@ pub struct Engine {
     limits: Option<String>,
     /// The largest buffer a shader may bind (WebGPU's maxStorageBufferBindingSize).
     max_buffer: Option<u64>,
-    /// The device computes in f16 (WebGPU's `shader-f16`, its self-check passed), so f16
-    /// models stay f16 on it.
+    /// The device computes in f16 (the CPU engine, or WebGPU with `shader-f16`; its f16
+    /// self-check passed), so f16 models stay f16 on it.
     half: bool,
     /// What the page says about it.
     precision: String,

@@ -399,8 +399,9 @@ fn is_instant_seal_weight(key: &str) -> bool {
 pub enum Scope<'a> {
     /// All of it.
     Whole,
-    /// All of it when its weights fit `budget` f32 bytes; else what the instant seal needs
-    /// when that fits, else nothing (an error); `hint` says what to try instead.
+    /// All of it when its weights, stored in the precision asked for, fit `budget` bytes (with
+    /// `Precision::AsStored`, also when rounded to f16 they do); else what the instant seal
+    /// needs when that fits, else nothing (an error); `hint` says what to try instead.
     Within { budget: u64, hint: &'a str },
     /// What the instant seal needs: the text encoder and the UNet's cross-attention keys and
     /// values (its only work, so the rest need not be read).
